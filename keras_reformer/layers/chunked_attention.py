@@ -1,0 +1,161 @@
+"""Attention inside chunks of a (possibly sorted) sequence, and its masks.
+
+Shared by LSH attention (chunks of the bucket-sorted sequence) and by the
+full-attention reference. Masks always use *original* token positions, so the
+same rules hold whatever order the tokens were sorted into:
+
+* causal: a query never sees a key at a later position;
+* padding: a query never sees a padded key;
+* self (shared-QK attention only): a token sees itself only when nothing else
+  is allowed, through a finite score well below any real one.
+"""
+
+import keras
+from keras import ops
+
+
+def mask_values(dtype):
+    """Scores for masked keys: `(mask_value, self_mask_value)` for `dtype`.
+
+    Finite values (never `-inf`, which turns fully masked rows into NaN), as
+    large as the dtype holds comfortably: float16's range ends at 65504.
+    """
+    if keras.backend.standardize_dtype(dtype) == "float16":
+        return -1e4, -1e3
+    return -1e9, -1e5
+
+
+def masked_scores(scores, query_positions, key_positions, key_valid, causal,
+                  mask_self):
+    """Applies the causal, padding and self masks to attention scores.
+
+    Args:
+        scores: `(..., queries, keys)` dot products.
+        query_positions: `(..., queries)` original positions of the queries.
+        key_positions: `(..., keys)` original positions of the keys.
+        key_valid: `(..., keys)` bool, False for padded keys.
+        causal: bool, mask keys after the query.
+        mask_self: bool, give a token's own key the self-mask score.
+
+    Returns:
+        Scores of the same shape with masked entries replaced.
+    """
+    mask_value, self_mask_value = mask_values(scores.dtype)
+    query_positions = ops.expand_dims(query_positions, -1)
+    key_positions = ops.expand_dims(key_positions, -2)
+    allowed = ops.expand_dims(key_valid, -2)
+    if causal:
+        allowed = ops.logical_and(allowed, query_positions >= key_positions)
+    scores = ops.where(allowed, scores, ops.cast(mask_value, scores.dtype))
+    if mask_self:
+        scores = ops.where(
+            ops.equal(query_positions, key_positions),
+            ops.cast(self_mask_value, scores.dtype),
+            scores,
+        )
+    return scores
+
+
+def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
+    """Softmax attention returning outputs and each query's logsumexp.
+
+    Args:
+        queries: `(..., queries, head_dim)`.
+        keys: `(..., keys, head_dim)`, already scaled.
+        values: `(..., keys, head_dim)`.
+        scores_mask_fn: function applying the masks to the raw scores.
+        dropout_fn: optional function applied to the attention weights.
+
+    Returns:
+        `(outputs, logsumexp)`, shapes `(..., queries, head_dim)` and
+        `(..., queries)`, `logsumexp` in float32.
+    """
+    scores = scores_mask_fn(ops.einsum("...qd,...kd->...qk", queries, keys))
+    scores = ops.cast(scores, "float32")
+    # Normalise by the sum after subtracting the maximum rather than by
+    # exp(logsumexp): with scores near the -1e5 self-mask value, float32
+    # cannot hold logsumexp precisely enough for weights that sum to one.
+    maximum = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
+    exponentials = ops.exp(scores - maximum)
+    total = ops.sum(exponentials, axis=-1, keepdims=True)
+    weights = exponentials / total
+    logsumexp = maximum + ops.log(total)
+    if dropout_fn is not None:
+        weights = dropout_fn(weights)
+    outputs = ops.einsum(
+        "...qk,...kd->...qd", ops.cast(weights, values.dtype), values
+    )
+    return outputs, ops.squeeze(logsumexp, -1)
+
+
+def look_adjacent(chunks, num_chunks_before, num_chunks_after, axis):
+    """Concatenates each chunk with its neighbours (wrapping around).
+
+    Args:
+        chunks: tensor with a chunk axis `axis` followed by the within-chunk
+            axis.
+        num_chunks_before: how many preceding chunks to prepend.
+        num_chunks_after: how many following chunks to append.
+        axis: the chunk axis (negative).
+
+    Returns:
+        Tensor whose within-chunk axis is
+        `(1 + num_chunks_before + num_chunks_after)` times longer, ordered
+        earliest chunk first.
+    """
+    shifts = list(range(num_chunks_before, 0, -1)) + [0]
+    shifts += list(range(-1, -num_chunks_after - 1, -1))
+    parts = [chunks if s == 0 else ops.roll(chunks, s, axis=axis) for s in shifts]
+    return ops.concatenate(parts, axis=axis + 1)
+
+
+def chunked_attention(queries, keys, values, positions, valid, chunk_length,
+                      num_chunks_before, num_chunks_after, causal, mask_self,
+                      dropout_fn=None):
+    """Attention within chunks of a sequence and their neighbours.
+
+    The sequence axis (of length `T`, a multiple of `chunk_length`) is cut into
+    chunks; queries of a chunk attend to the keys of the same chunk and of
+    `num_chunks_before` / `num_chunks_after` neighbours.
+
+    Args:
+        queries, keys, values: `(batch, heads, T, head_dim)` in sequence order
+            (for LSH: sorted order); keys already scaled.
+        positions: `(batch, heads, T)` int, each token's original position.
+        valid: `(batch, heads, T)` bool, False for padding.
+        chunk_length: int.
+        num_chunks_before, num_chunks_after: int.
+        causal, mask_self: see `masked_scores`.
+        dropout_fn: optional dropout on attention weights.
+
+    Returns:
+        `(outputs, logsumexp)` of shapes `(batch, heads, T, head_dim)` and
+        `(batch, heads, T)`.
+    """
+    batch, heads, length, head_dim = ops.shape(queries)
+    num_chunks = length // chunk_length
+
+    def split(x):
+        return ops.reshape(
+            x, (batch, heads, num_chunks, chunk_length) + tuple(ops.shape(x)[3:])
+        )
+
+    def adjacent(x, axis):
+        return look_adjacent(split(x), num_chunks_before, num_chunks_after, axis)
+
+    query_positions = split(positions)
+    key_positions = adjacent(positions, -2)
+    key_valid = adjacent(valid, -2)
+
+    def mask_fn(scores):
+        return masked_scores(
+            scores, query_positions, key_positions, key_valid, causal, mask_self
+        )
+
+    outputs, logsumexp = attend(
+        split(queries), adjacent(keys, -3), adjacent(values, -3), mask_fn,
+        dropout_fn,
+    )
+    outputs = ops.reshape(outputs, (batch, heads, length, head_dim))
+    logsumexp = ops.reshape(logsumexp, (batch, heads, length))
+    return outputs, logsumexp

@@ -1,0 +1,155 @@
+"""Position-wise feed-forward computed one chunk of the sequence at a time."""
+
+import keras
+from keras import ops
+
+from keras_reformer.layers.custom_gradient import tensor_values
+from keras_reformer.layers.custom_gradient import value_and_vjp
+from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.seeds import TensorSeed
+from keras_reformer.layers.seeds import draw_seed
+from keras_reformer.layers.seeds import fold_seed
+from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.layers.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ChunkedFeedForward(keras.layers.Layer):
+    """`dense(activation(dense(x)))`, one chunk of positions at a time.
+
+    A loop over chunks of `chunk_length` positions, forward and backward
+    (the gradient recomputes each chunk's intermediate activations), so only
+    one chunk's `(batch, chunk_length, intermediate_dim)` activations exist
+    at a time. The result equals the unchunked feed-forward.
+
+    Args:
+        intermediate_dim: int, width of the hidden layer.
+        chunk_length: int, positions per chunk.
+        activation: activation of the hidden layer.
+        dropout: float, dropout after the activation and after the output.
+        kernel_initializer: initializer of both kernels.
+        seed: int or None, seeds dropout.
+
+    Example:
+    >>> ff = ChunkedFeedForward(intermediate_dim=64, chunk_length=16)
+    >>> ff(keras.random.normal((2, 100, 32))).shape
+    (2, 100, 32)
+    """
+
+    def __init__(self, intermediate_dim, chunk_length=64, activation="relu",
+                 dropout=0.0, kernel_initializer="glorot_uniform", seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("intermediate_dim", intermediate_dim)
+        check_positive_int("chunk_length", chunk_length)
+        check_rate("dropout", dropout)
+        self.intermediate_dim = intermediate_dim
+        self.chunk_length = chunk_length
+        self.activation = keras.activations.get(activation)
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.intermediate_kernel = self.add_weight(
+            name="intermediate_kernel",
+            shape=(hidden_dim, self.intermediate_dim),
+            initializer=self.kernel_initializer)
+        self.intermediate_bias = self.add_weight(
+            name="intermediate_bias", shape=(self.intermediate_dim,),
+            initializer="zeros")
+        self.output_kernel = self.add_weight(
+            name="output_kernel", shape=(self.intermediate_dim, hidden_dim),
+            initializer=self.kernel_initializer)
+        self.output_bias = self.add_weight(
+            name="output_bias", shape=(hidden_dim,), initializer="zeros")
+
+    def feed_forward(self, x, weights, training=False, seed=None):
+        """The unchunked feed-forward of `x` with explicit `weights`."""
+        kernel_1, bias_1, kernel_2, bias_2 = weights
+        hidden = self.activation(ops.matmul(x, kernel_1) + bias_1)
+        if training and self.dropout:
+            hidden = keras.random.dropout(
+                hidden, self.dropout, seed=TensorSeed(fold_seed(seed, 0)))
+        outputs = ops.matmul(hidden, kernel_2) + bias_2
+        if training and self.dropout:
+            outputs = keras.random.dropout(
+                outputs, self.dropout, seed=TensorSeed(fold_seed(seed, 1)))
+        return outputs
+
+    def call(self, inputs, training=None, seed=None):
+        training = bool(training)
+        seed = draw_seed(seed, self.seed_generator) if training else (
+            ops.zeros((2,), "int32"))
+        weights = tensor_values([self.intermediate_kernel,
+                                 self.intermediate_bias, self.output_kernel,
+                                 self.output_bias])
+        batch, length, hidden_dim = ops.shape(inputs)
+        num_chunks = -(-length // self.chunk_length)
+        padded_length = num_chunks * self.chunk_length
+        padded = ops.concatenate([inputs, ops.zeros(
+            (batch, padded_length - length, hidden_dim), inputs.dtype)], axis=1)
+
+        def chunk_start(i):
+            return [0, i * self.chunk_length, 0]
+
+        def chunk_of(x, i):
+            return ops.slice(x, chunk_start(i),
+                             (batch, self.chunk_length, ops.shape(x)[2]))
+
+        def chunk_seed(i):
+            return seed + ops.cast(ops.stack([0, i]), seed.dtype)
+
+        def forward(x, seed, *weights):
+            def body(i, out):
+                chunk = self.feed_forward(chunk_of(x, i), weights, training,
+                                          chunk_seed(i))
+                return ops.slice_update(out, chunk_start(i), chunk)
+
+            out = ops.fori_loop(0, num_chunks, body, ops.zeros_like(x))
+            return (out,), (x, seed, weights)
+
+        def backward(residuals, output_grads):
+            x, seed, weights = residuals
+            (output_grad,) = output_grads
+
+            def body(i, carry):
+                x_grad, weight_grads = carry
+
+                def chunk_ff(chunk, *weights):
+                    return (self.feed_forward(chunk, weights, training,
+                                              chunk_seed(i)),)
+
+                _, grads = value_and_vjp(
+                    chunk_ff, [chunk_of(x, i), *weights],
+                    (chunk_of(output_grad, i),))
+                x_grad = ops.slice_update(x_grad, chunk_start(i), grads[0])
+                weight_grads = [a + g for a, g in zip(weight_grads, grads[1:])]
+                return x_grad, weight_grads
+
+            x_grad, weight_grads = ops.fori_loop(
+                0, num_chunks, body,
+                (ops.zeros_like(x), [ops.zeros_like(w) for w in weights]))
+            return (x_grad, None, *weight_grads)
+
+        run = with_custom_gradient(forward, backward)
+        (outputs,) = run(padded, seed, *weights)
+        return outputs[:, :length]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "intermediate_dim": self.intermediate_dim,
+            "chunk_length": self.chunk_length,
+            "activation": keras.activations.serialize(self.activation),
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer),
+            "seed": self.seed,
+        })
+        return config

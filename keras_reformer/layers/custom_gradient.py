@@ -1,0 +1,109 @@
+"""Custom gradients with explicit inputs, one implementation per backend.
+
+The reversible stack and the chunked feed-forward both replace autodiff's
+stored activations with recomputation. They describe their gradient once, as
+a `forward` and a `backward` written with `keras.ops`; this module registers
+that pair with the backend: `tf.custom_gradient` on TensorFlow and
+`jax.custom_vjp` on JAX. Every tensor the computation depends on, weights
+included, is an explicit argument, so neither backend sees a closed-over
+variable.
+"""
+
+import keras
+
+
+def _backend():
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        raise NotImplementedError(
+            f"keras_reformer supports the 'tensorflow' and 'jax' backends; "
+            f"the active Keras backend is '{backend}'."
+        )
+    return backend
+
+
+def with_custom_gradient(forward, backward):
+    """Builds a function whose gradient is computed by `backward`.
+
+    Args:
+        forward: `forward(*args) -> (outputs, residuals)`, `outputs` a tuple
+            of tensors, `residuals` whatever `backward` needs (a tuple of
+            tensors).
+        backward: `backward(residuals, output_grads) -> grads`, a tuple with
+            one gradient per argument of `forward` (`None` for arguments that
+            take no gradient, such as integer seeds or boolean masks).
+
+    Returns:
+        A function of the same arguments as `forward` returning `outputs`.
+
+    Example:
+    >>> square = with_custom_gradient(
+    ...     lambda x: ((x * x,), (x,)), lambda res, g: (2 * res[0] * g[0],))
+    """
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.custom_gradient
+        def function(*args):
+            outputs, residuals = forward(*args)
+
+            def grad_fn(*output_grads):
+                return list(backward(residuals, output_grads))
+
+            return outputs, grad_fn
+
+        return function
+
+    import jax
+
+    @jax.custom_vjp
+    def function(*args):
+        return forward(*args)[0]
+
+    def function_bwd(residuals, output_grads):
+        return tuple(backward(residuals, tuple(output_grads)))
+
+    function.defvjp(forward, function_bwd)
+    return function
+
+
+def value_and_vjp(fn, primals, cotangents):
+    """Evaluates `fn(*primals)` and pulls `cotangents` back to the primals.
+
+    Args:
+        fn: a function of tensors returning a tuple of tensors.
+        primals: list of input tensors (all differentiable).
+        cotangents: tuple of tensors shaped like `fn`'s outputs.
+
+    Returns:
+        `(outputs, grads)`: `fn`'s outputs and one gradient per primal
+        (zeros where an input does not influence the outputs).
+    """
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(primals)
+            outputs = fn(*primals)
+        grads = tape.gradient(
+            list(outputs),
+            primals,
+            output_gradients=list(cotangents),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return outputs, grads
+
+    import jax
+
+    outputs, pullback = jax.vjp(fn, *primals)
+    return outputs, list(pullback(tuple(cotangents)))
+
+
+def tensor_values(variables):
+    """The current values of Keras variables as plain tensors.
+
+    `ops.copy` yields a tensor on every backend (in TensorFlow eager mode a
+    variable's `.value` is still a `tf.Variable`, which custom gradients
+    reject), and gradients flow through it back to the variable.
+    """
+    return [keras.ops.copy(v.value) for v in variables]

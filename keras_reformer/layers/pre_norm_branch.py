@@ -1,0 +1,58 @@
+"""Layer normalisation followed by a sub-layer: a residual branch."""
+
+import inspect
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class PreNormBranch(keras.layers.Layer):
+    """`layer(LayerNorm(x))`, the `f` or `g` of a reversible block.
+
+    Forwards `padding_mask`, `training` and `seed` to the wrapped layer
+    (`padding_mask` only where its `call` takes one).
+
+    Args:
+        layer: an attention or feed-forward layer.
+        epsilon: layer-normalisation epsilon (1e-12 in Hugging Face's
+            Reformer).
+
+    Example:
+    >>> branch = PreNormBranch(ChunkedFeedForward(64, chunk_length=16))
+    >>> branch(keras.random.normal((2, 20, 32))).shape
+    (2, 20, 32)
+    """
+
+    def __init__(self, layer, epsilon=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.epsilon = epsilon
+        self.norm = keras.layers.LayerNormalization(epsilon=epsilon,
+                                                    name="norm")
+        self._takes_padding_mask = "padding_mask" in inspect.signature(
+            layer.call).parameters
+
+    def build(self, input_shape):
+        self.norm.build(input_shape)
+        self.layer.build(input_shape)
+
+    def call(self, inputs, padding_mask=None, training=None, seed=None):
+        kwargs = {"training": training, "seed": seed}
+        if self._takes_padding_mask:
+            kwargs["padding_mask"] = padding_mask
+        return self.layer(self.norm(inputs), **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"layer": keras.layers.serialize(self.layer),
+                       "epsilon": self.epsilon})
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["layer"] = keras.layers.deserialize(config["layer"])
+        return cls(**config)

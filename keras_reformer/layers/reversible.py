@@ -1,0 +1,255 @@
+"""Reversible residual layers (RevNet) that store no per-layer activations.
+
+A block maps `(x1, x2)` to `(y1, y2) = (x1 + f(x2), x2 + g(y1))`; its inputs
+are recomputed from its outputs (`x2 = y2 - g(y1)`, `x1 = y1 - f(x2)`), so
+the backward pass walks the blocks in reverse and needs only the stack's
+output. `f` and `g` are Keras layers called as
+`branch(x, padding_mask=..., training=..., seed=...)`; the per-block seeds
+make random rotations and dropout recompute identically.
+"""
+
+import keras
+from keras import ops
+
+from keras_reformer.layers.custom_gradient import tensor_values
+from keras_reformer.layers.custom_gradient import value_and_vjp
+from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.seeds import draw_seed
+from keras_reformer.layers.seeds import fold_seed
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReversibleBlock(keras.layers.Layer):
+    """One reversible residual block: `y1 = x1 + f(x2)`, `y2 = x2 + g(y1)`.
+
+    Called on `(batch, length, 2 * hidden)`: the two halves of the last axis
+    are `x1` and `x2`. While training the gradient is recomputed from the
+    outputs instead of stored activations (see `ReversibleStack`, of which
+    this is the one-block case).
+
+    Args:
+        f: layer on `(batch, length, hidden)`, e.g. norm + attention.
+        g: layer on `(batch, length, hidden)`, e.g. norm + feed-forward.
+
+    Example:
+    >>> block = ReversibleBlock(PreNormBranch(FullSelfAttention(2, 8)),
+    ...                         PreNormBranch(ChunkedFeedForward(32, 4)))
+    >>> block(keras.random.normal((1, 8, 32))).shape
+    (1, 8, 32)
+    """
+
+    def __init__(self, f, g, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.f = f
+        self.g = g
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        _check_even(input_shape)
+        half_shape = tuple(input_shape[:-1]) + (input_shape[-1] // 2,)
+        for branch in (self.f, self.g):
+            if not branch.built:
+                branch.build(half_shape)
+
+    def call(self, inputs, padding_mask=None, training=None, seed=None):
+        return reversible_call([self], inputs, padding_mask, training,
+                               draw_seed(seed, self.seed_generator)
+                               if training else None)
+
+    def forward(self, x1, x2, padding_mask, training, seed, f_call=None,
+                g_call=None):
+        """`(y1, y2)` from `(x1, x2)`; `f_call`/`g_call` replace the branches."""
+        f_call = f_call or self.f
+        g_call = g_call or self.g
+        y1 = x1 + f_call(x2, padding_mask=padding_mask, training=training,
+                         seed=_branch_seed(seed, 0))
+        y2 = x2 + g_call(y1, padding_mask=padding_mask, training=training,
+                         seed=_branch_seed(seed, 1))
+        return y1, y2
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "f": keras.layers.serialize(self.f),
+            "g": keras.layers.serialize(self.g),
+            "seed": self.seed,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["f"] = keras.layers.deserialize(config["f"])
+        config["g"] = keras.layers.deserialize(config["g"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReversibleStack(keras.layers.Layer):
+    """A sequence of `ReversibleBlock`s with memory independent of depth.
+
+    While training, the whole stack is one custom-gradient function: only
+    its output is kept, and the backward pass reconstructs each block's
+    inputs from its outputs and recomputes `f` and `g` (with the same seeds)
+    to get the gradients of the inputs and of every weight. At inference it
+    is an ordinary forward pass.
+
+    Args:
+        blocks: list of `ReversibleBlock`.
+        seed: int or None, seeds the per-step seeds of the blocks.
+
+    Example:
+    >>> stack = ReversibleStack([
+    ...     ReversibleBlock(PreNormBranch(FullSelfAttention(2, 8)),
+    ...                     PreNormBranch(ChunkedFeedForward(32, 4)))
+    ...     for _ in range(3)])
+    >>> stack(keras.random.normal((1, 8, 32))).shape
+    (1, 8, 32)
+    """
+
+    def __init__(self, blocks, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = list(blocks)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        _check_even(input_shape)
+        for block in self.blocks:
+            block.build(input_shape)
+
+    def call(self, inputs, padding_mask=None, training=None, seed=None):
+        return reversible_call(self.blocks, inputs, padding_mask, training,
+                               draw_seed(seed, self.seed_generator)
+                               if training else None)
+
+    def block_seeds(self, seed):
+        """The seed each block receives for a stack call with `seed`."""
+        return [fold_seed(seed, i) for i in range(len(self.blocks))]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "blocks": [keras.layers.serialize(b) for b in self.blocks],
+            "seed": self.seed,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["blocks"] = [keras.layers.deserialize(b)
+                            for b in config["blocks"]]
+        return cls(**config)
+
+
+def reversible_call(blocks, inputs, padding_mask, training, seed):
+    """Runs `blocks` on `inputs` (`x1` and `x2` concatenated on the last axis).
+
+    Inference is a plain forward pass; training goes through the recomputing
+    custom gradient with block `i` seeded by `fold_seed(seed, i)`.
+    """
+    x1, x2 = ops.split(inputs, 2, axis=-1)
+    if padding_mask is None:
+        padding_mask = ops.ones(ops.shape(inputs)[:2], dtype="bool")
+    padding_mask = ops.cast(padding_mask, "bool")
+    if not training:
+        for block in blocks:
+            x1, x2 = block.forward(x1, x2, padding_mask, False, None)
+        return ops.concatenate([x1, x2], axis=-1)
+
+    branches = [branch for block in blocks for branch in (block.f, block.g)]
+    trainable = [tensor_values(b.trainable_variables) for b in branches]
+    fixed = [tensor_values(b.non_trainable_variables) for b in branches]
+    sizes = [len(t) for t in trainable] + [len(f) for f in fixed]
+
+    def stateless(branch, trainable_values, fixed_values):
+        def call(x, **kwargs):
+            return branch.stateless_call(
+                trainable_values, fixed_values, x, **kwargs)[0]
+        return call
+
+    def unflatten(weights):
+        groups, start = [], 0
+        for size in sizes:
+            groups.append(list(weights[start:start + size]))
+            start += size
+        half = len(branches)
+        return groups[:half], groups[half:]
+
+    def forward(x1, x2, padding_mask, seed, *weights):
+        trainable, fixed = unflatten(weights)
+        for i, block in enumerate(blocks):
+            x1, x2 = block.forward(
+                x1, x2, padding_mask, True, fold_seed(seed, i),
+                stateless(block.f, trainable[2 * i], fixed[2 * i]),
+                stateless(block.g, trainable[2 * i + 1], fixed[2 * i + 1]),
+            )
+        return (x1, x2), (x1, x2, padding_mask, seed, weights)
+
+    def backward(residuals, output_grads):
+        y1, y2, padding_mask, seed, weights = residuals
+        dy1, dy2 = output_grads
+        trainable, fixed = unflatten(weights)
+        weight_grads = [None] * len(branches)
+        for i in reversed(range(len(blocks))):
+            block_seed = fold_seed(seed, i)
+            g_index, f_index = 2 * i + 1, 2 * i
+            # y2 = x2 + g(y1): recompute g, recover x2, pull dy2 back.
+            g_out, g_grads = _branch_vjp(
+                blocks[i].g, trainable[g_index], fixed[g_index], y1,
+                padding_mask, _branch_seed(block_seed, 1), dy2)
+            x2 = y2 - g_out
+            dy1 = dy1 + g_grads[0]
+            weight_grads[g_index] = g_grads[1:]
+            # y1 = x1 + f(x2): recompute f, recover x1, pull dy1 back.
+            f_out, f_grads = _branch_vjp(
+                blocks[i].f, trainable[f_index], fixed[f_index], x2,
+                padding_mask, _branch_seed(block_seed, 0), dy1)
+            x1 = y1 - f_out
+            dy2 = dy2 + f_grads[0]
+            weight_grads[f_index] = f_grads[1:]
+            y1, y2 = x1, x2
+        flat_grads = [g for group in weight_grads for g in group]
+        num_fixed = sum(len(f) for f in fixed)
+        return (dy1, dy2, None, None, *flat_grads, *([None] * num_fixed))
+
+    weights = [w for group in trainable + fixed for w in group]
+    run = with_custom_gradient(forward, backward)
+    y1, y2 = run(x1, x2, padding_mask, seed, *weights)
+    return ops.concatenate([y1, y2], axis=-1)
+
+
+def _branch_vjp(branch, trainable_values, fixed_values, x, padding_mask, seed,
+                output_grad):
+    """Recomputes `branch(x)`; returns it and grads wrt `x` and its weights."""
+
+    def apply(x, *trainable_values):
+        out, _ = branch.stateless_call(
+            list(trainable_values), fixed_values, x,
+            padding_mask=padding_mask, training=True, seed=seed)
+        return (out,)
+
+    (out,), grads = value_and_vjp(
+        apply, [x, *trainable_values], (output_grad,))
+    return out, grads
+
+
+def _branch_seed(seed, index):
+    return None if seed is None else fold_seed(seed, index)
+
+
+def _check_even(input_shape):
+    if input_shape[-1] is None or input_shape[-1] % 2:
+        raise ValueError(
+            "A reversible layer splits its input's last axis into two equal "
+            f"halves; received input shape {tuple(input_shape)} (the last "
+            "axis must be even)."
+        )

@@ -1,0 +1,65 @@
+"""Explicit per-call seeds, so recomputation redraws exactly the same numbers.
+
+Random rotations and dropout masks inside a reversible block must be drawn
+identically in the forward pass and in the backward recomputation. The layers
+therefore take a seed *tensor* (shape `(2,)`) per call, derived from one
+`keras.random.SeedGenerator` draw per training step.
+"""
+
+import keras
+from keras import ops
+
+# An odd constant below 2**31 that spreads folded streams apart.
+_FOLD_MULTIPLIER = 40503
+
+
+class TensorSeed(keras.random.SeedGenerator):
+    """A seed generator that always hands out one given seed tensor.
+
+    `keras.random` functions accept an int or a `SeedGenerator`; this lets
+    them take a traced seed tensor instead (no state variable is created).
+
+    Args:
+        seed: integer tensor of shape `(2,)`.
+    """
+
+    def __init__(self, seed):
+        self._seed = seed
+
+    def next(self, ordered=True):
+        return self._seed
+
+
+def fold_seed(seed, index):
+    """A new seed tensor for sub-stream `index` of `seed`.
+
+    Only the first component changes, so streams folded from one step never
+    collide with the next step's (a `SeedGenerator` advances the second).
+
+    Args:
+        seed: integer tensor of shape `(2,)`.
+        index: Python int, the sub-stream.
+
+    Returns:
+        Integer tensor of shape `(2,)` and the dtype of `seed`.
+    """
+    offset = ops.convert_to_tensor(
+        [(index + 1) * _FOLD_MULTIPLIER, 0], dtype=seed.dtype
+    )
+    return ops.mod(seed + offset, ops.convert_to_tensor(2**31 - 1, seed.dtype))
+
+
+def draw_seed(seed, seed_generator):
+    """`seed` if given, else one fresh draw from `seed_generator`."""
+    if seed is not None:
+        return seed
+    return seed_generator.next()
+
+
+def seed_tensor(value):
+    """A seed tensor (shape `(2,)`, the backend's seed dtype) from an int.
+
+    Example:
+    >>> layer(x, training=True, seed=seed_tensor(7))  # repeatable draw
+    """
+    return keras.random.SeedGenerator(value).next()

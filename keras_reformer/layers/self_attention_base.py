@@ -1,0 +1,140 @@
+"""Projections and head handling shared by every self-attention layer."""
+
+import keras
+from keras import ops
+
+from keras_reformer.layers.seeds import TensorSeed
+from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.layers.validation import check_rate
+
+
+class SelfAttentionBase(keras.layers.Layer):
+    """Multi-head self-attention: project, attend (subclass), merge heads.
+
+    Subclasses implement `attend_heads(query_key_or_queries, ...)`; this class
+    owns the weights, bias-free as in trax and Hugging Face: with `shared_qk`
+    one projection serves as queries and keys, otherwise separate ones.
+
+    Every attention layer is called the same way:
+    `layer(x, padding_mask=None, training=None, seed=None)` on
+    `(batch, length, hidden)`, returning the same shape; `padding_mask` is
+    `(batch, length)`, true (non-zero) for real tokens; `seed` an optional
+    `(2,)` integer tensor fixing the layer's randomness (used by reversible
+    recomputation).
+
+    Args:
+        num_heads: int, number of heads.
+        head_dim: int, size of each head.
+        shared_qk: bool, one projection for queries and keys.
+        dropout: float in [0, 1), dropout on attention weights.
+        kernel_initializer: initializer of the projections.
+        seed: int or None, seeds the layer's random numbers.
+    """
+
+    def __init__(self, num_heads, head_dim, shared_qk, dropout=0.0,
+                 kernel_initializer="glorot_uniform", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("head_dim", head_dim)
+        check_rate("dropout", dropout)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.shared_qk = shared_qk
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a known hidden size (last "
+                f"axis); received input shape {input_shape}."
+            )
+        names = ["query_key", "value"] if self.shared_qk else [
+            "query", "key", "value"]
+        for name in names:
+            setattr(self, f"{name}_kernel", self.add_weight(
+                name=f"{name}_kernel",
+                shape=(hidden_dim, self.num_heads, self.head_dim),
+                initializer=self.kernel_initializer,
+            ))
+        self.output_kernel = self.add_weight(
+            name="output_kernel",
+            shape=(self.num_heads, self.head_dim, hidden_dim),
+            initializer=self.kernel_initializer,
+        )
+
+    def project(self, inputs, kernel):
+        """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`."""
+        return ops.einsum("blh,hnd->bnld", inputs, kernel)
+
+    def merge_heads(self, outputs):
+        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`."""
+        return ops.einsum("bnld,ndh->blh", outputs, self.output_kernel)
+
+    def dropout_fn(self, training, seed):
+        """Dropout on attention weights, or None when inactive."""
+        if not training or self.dropout == 0.0:
+            return None
+        return lambda weights: keras.random.dropout(
+            weights, self.dropout, seed=TensorSeed(seed)
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer),
+            "seed": self.seed,
+        })
+        return config
+
+
+def padding_mask_or_ones(padding_mask, inputs):
+    """A bool `(batch, length)` mask, all True when `padding_mask` is None."""
+    if padding_mask is None:
+        return ops.ones(ops.shape(inputs)[:2], dtype="bool")
+    return ops.cast(padding_mask, "bool")
+
+
+def pad_to_multiple(inputs, valid, multiple):
+    """Pads the length axis of `inputs` and `valid` to a multiple.
+
+    Args:
+        inputs: `(batch, length, hidden)`.
+        valid: `(batch, length)` bool.
+        multiple: int.
+
+    Returns:
+        `(inputs, valid)` padded with zeros / False at the end.
+    """
+    batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+    extra = (-length) % multiple
+    inputs = ops.concatenate(
+        [inputs, ops.zeros((batch, extra, ops.shape(inputs)[2]), inputs.dtype)],
+        axis=1,
+    )
+    valid = ops.concatenate(
+        [valid, ops.zeros((batch, extra), "bool")], axis=1
+    )
+    return inputs, valid
+
+
+def shared_qk_keys(query_key):
+    """Keys of shared-QK attention: the vectors divided by their norm.
+
+    Written as Hugging Face does (`x * rsqrt(mean(x^2) + 1e-6) / sqrt(d)`,
+    which is `x / |x|` up to the epsilon), so ported weights give the same
+    scores.
+    """
+    head_dim = ops.shape(query_key)[-1]
+    mean_square = ops.mean(ops.square(query_key), axis=-1, keepdims=True)
+    return query_key * ops.rsqrt(mean_square + 1e-6) / (head_dim**0.5)

@@ -1,0 +1,188 @@
+"""The Reformer backbone: token ids to contextual features (functional)."""
+
+import keras
+
+from keras_reformer.layers import hashing
+from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
+from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
+from keras_reformer.layers.full_self_attention import FullSelfAttention
+from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
+from keras_reformer.layers.pre_norm_branch import PreNormBranch
+from keras_reformer.layers.reversible import ReversibleBlock
+from keras_reformer.layers.reversible import ReversibleStack
+from keras_reformer.layers.validation import check_positive_int
+
+ATTENTION_TYPES = ("lsh", "full")
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerBackbone(keras.Model):
+    """Reformer encoder/decoder stack as a functional Keras model.
+
+    token ids -> embedding + axial positions -> `[x, x]` -> reversible stack
+    of (norm + attention, norm + chunked feed-forward) blocks -> layer norm
+    over the concatenated halves. Inputs are a dict of `token_ids` and
+    `padding_mask` (1 for real tokens), both `(batch, length)` int32 with
+    any batch and length up to `prod(axial_shape)`; the output is
+    `(batch, length, 2 * hidden_dim)`.
+
+    Args:
+        vocabulary_size: int, number of token ids.
+        hidden_dim: int, model width (`sum(axial_dims)`).
+        num_heads: int, attention heads per layer.
+        head_dim: int, size of each head.
+        intermediate_dim: int, feed-forward width.
+        attention_types: list of "lsh" or "full", one per layer.
+        axial_shape: pair, axial position grid; its product is the maximum
+            length.
+        axial_dims: pair summing to `hidden_dim`; default half and half.
+        causal: bool, decoder (True) or bidirectional encoder (False).
+        chunk_length: int, LSH chunk length.
+        num_hashes: int, LSH hash rounds.
+        num_buckets: LSH buckets; None: the default for the maximum length.
+        num_chunks_before: int, LSH chunks attended before.
+        num_chunks_after: int, LSH chunks attended after (0 when causal).
+        feed_forward_chunk_length: int, positions per feed-forward chunk.
+        activation: feed-forward activation.
+        dropout: float, dropout in attention, feed-forward and embeddings.
+        layer_norm_epsilon: float.
+        seed: int or None, seeds hashing, dropout and initialisers.
+
+    Example:
+    >>> backbone = ReformerBackbone(vocabulary_size=256, hidden_dim=32,
+    ...     num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     attention_types=["lsh", "full"], axial_shape=(8, 16),
+    ...     chunk_length=16)
+    >>> ids = keras.ops.ones((2, 100), "int32")
+    >>> backbone({"token_ids": ids, "padding_mask": ids}).shape
+    (2, 100, 64)
+    """
+
+    def __init__(self, vocabulary_size, hidden_dim=256, num_heads=4,
+                 head_dim=64, intermediate_dim=512,
+                 attention_types=("lsh", "full"), axial_shape=(64, 64),
+                 axial_dims=None, causal=True, chunk_length=64, num_hashes=4,
+                 num_buckets=None, num_chunks_before=1, num_chunks_after=0,
+                 feed_forward_chunk_length=64, activation="relu", dropout=0.0,
+                 layer_norm_epsilon=1e-12, seed=None, **kwargs):
+        check_positive_int("vocabulary_size", vocabulary_size)
+        check_positive_int("hidden_dim", hidden_dim)
+        attention_types = list(attention_types)
+        if not attention_types or any(
+                t not in ATTENTION_TYPES for t in attention_types):
+            raise ValueError(
+                f"attention_types must be a non-empty list of "
+                f"{ATTENTION_TYPES}; received attention_types="
+                f"{attention_types!r}.")
+        if axial_dims is None:
+            axial_dims = (hidden_dim // 2, hidden_dim - hidden_dim // 2)
+        if sum(axial_dims) != hidden_dim:
+            raise ValueError(
+                f"axial_dims must sum to hidden_dim={hidden_dim}; received "
+                f"axial_dims={tuple(axial_dims)!r}.")
+        max_length = axial_shape[0] * axial_shape[1]
+        resolved_buckets = num_buckets or hashing.auto_num_buckets(
+            -(-max_length // chunk_length) * chunk_length, chunk_length)
+
+        def seed_for(i):
+            return None if seed is None else seed + i
+
+        def attention(i, kind):
+            name = f"attention_{i}"
+            if kind == "lsh":
+                return LSHSelfAttention(
+                    num_heads, head_dim, chunk_length=chunk_length,
+                    num_hashes=num_hashes, num_buckets=resolved_buckets,
+                    causal=causal, num_chunks_before=num_chunks_before,
+                    num_chunks_after=num_chunks_after, dropout=dropout,
+                    seed=seed_for(i), name=name)
+            return FullSelfAttention(num_heads, head_dim, causal=causal,
+                                     dropout=dropout, seed=seed_for(i),
+                                     name=name)
+
+        blocks = [
+            ReversibleBlock(
+                PreNormBranch(attention(i, kind), layer_norm_epsilon,
+                              name=f"attention_branch_{i}"),
+                PreNormBranch(ChunkedFeedForward(
+                    intermediate_dim, feed_forward_chunk_length, activation,
+                    dropout, seed=seed_for(i), name=f"feed_forward_{i}"),
+                    layer_norm_epsilon, name=f"feed_forward_branch_{i}"),
+                name=f"reversible_block_{i}")
+            for i, kind in enumerate(attention_types)
+        ]
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32",
+                                   name="padding_mask")
+        x = keras.layers.Embedding(vocabulary_size, hidden_dim,
+                                   name="token_embedding")(token_ids)
+        x = keras.layers.Add(name="add_positions")([
+            x, AxialPositionEmbedding(axial_shape, axial_dims,
+                                      name="position_embedding")(x)])
+        x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
+        x = keras.layers.Concatenate(name="duplicate")([x, x])
+        x = ReversibleStack(blocks, seed=seed, name="reversible_stack")(
+            x, padding_mask=padding_mask)
+        x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon,
+                                            name="final_norm")(x)
+        x = keras.layers.Dropout(dropout, name="final_dropout")(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=x, **kwargs)
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.intermediate_dim = intermediate_dim
+        self.attention_types = attention_types
+        self.axial_shape = tuple(axial_shape)
+        self.axial_dims = tuple(axial_dims)
+        self.causal = causal
+        self.chunk_length = chunk_length
+        self.num_hashes = num_hashes
+        self.num_buckets = num_buckets
+        self.num_chunks_before = num_chunks_before
+        self.num_chunks_after = num_chunks_after
+        self.feed_forward_chunk_length = feed_forward_chunk_length
+        self.activation = activation
+        self.dropout = dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
+
+    @property
+    def max_length(self):
+        """The longest input the position embedding covers."""
+        return self.axial_shape[0] * self.axial_shape[1]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "vocabulary_size": self.vocabulary_size,
+            "hidden_dim": self.hidden_dim,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "attention_types": self.attention_types,
+            "axial_shape": self.axial_shape,
+            "axial_dims": self.axial_dims,
+            "causal": self.causal,
+            "chunk_length": self.chunk_length,
+            "num_hashes": self.num_hashes,
+            "num_buckets": self.num_buckets,
+            "num_chunks_before": self.num_chunks_before,
+            "num_chunks_after": self.num_chunks_after,
+            "feed_forward_chunk_length": self.feed_forward_chunk_length,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,101 @@
+"""Task models on top of a `ReformerBackbone`: causal LM and classifier."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerLM(keras.Model):
+    """Causal language model: backbone features -> next-token logits.
+
+    Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
+    logits `(batch, length, vocabulary_size)`.
+
+    Args:
+        backbone: a causal `ReformerBackbone`.
+
+    Example:
+    >>> lm = ReformerLM(ReformerBackbone(vocabulary_size=256, hidden_dim=32,
+    ...     num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     axial_shape=(8, 16), chunk_length=16))
+    >>> lm.compile(optimizer="adam", loss=keras.losses.
+    ...     SparseCategoricalCrossentropy(from_logits=True))
+    """
+
+    def __init__(self, backbone, **kwargs):
+        if not backbone.causal:
+            raise ValueError(
+                "ReformerLM needs a causal backbone; received a backbone with "
+                "causal=False.")
+        inputs = backbone.input
+        logits = keras.layers.Dense(backbone.vocabulary_size, name="lm_head")(
+            backbone(inputs))
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.backbone = backbone
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "backbone": keras.layers.serialize(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerClassifier(keras.Model):
+    """Sequence classifier: mean of the valid tokens' features -> logits.
+
+    Args:
+        backbone: a bidirectional (`causal=False`) `ReformerBackbone`.
+        num_classes: int, number of classes.
+        dropout: float, dropout before the classification layer.
+
+    Example:
+    >>> classifier = ReformerClassifier(ReformerBackbone(
+    ...     vocabulary_size=256, hidden_dim=32, num_heads=2, head_dim=16,
+    ...     intermediate_dim=64, axial_shape=(8, 16), chunk_length=16,
+    ...     causal=False, num_chunks_after=1), num_classes=3)
+    """
+
+    def __init__(self, backbone, num_classes, dropout=0.0, **kwargs):
+        if backbone.causal:
+            raise ValueError(
+                "ReformerClassifier needs a bidirectional backbone; received "
+                "a backbone with causal=True.")
+        inputs = backbone.input
+        features = backbone(inputs)
+        pooled = MaskedMeanPooling(name="pooling")(
+            features, inputs["padding_mask"])
+        pooled = keras.layers.Dropout(dropout, name="head_dropout")(pooled)
+        logits = keras.layers.Dense(num_classes, name="logits")(pooled)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.dropout = dropout
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "backbone": keras.layers.serialize(self.backbone),
+                "num_classes": self.num_classes, "dropout": self.dropout}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class MaskedMeanPooling(keras.layers.Layer):
+    """Mean over the length axis of the positions where the mask is 1."""
+
+    def call(self, inputs, padding_mask):
+        weights = ops.cast(padding_mask, inputs.dtype)[..., None]
+        total = ops.sum(inputs * weights, axis=1)
+        return total / ops.maximum(ops.sum(weights, axis=1), 1.0)
+
+    def compute_output_shape(self, input_shape, padding_mask_shape=None):
+        return (input_shape[0], input_shape[-1])

@@ -1,0 +1,33 @@
+"""keras-reformer: Reformer and efficient attention as Keras 3 layers."""
+
+from setuptools import find_packages
+from setuptools import setup
+
+setup(
+    name="keras-reformer",
+    version="0.1.0",
+    description=(
+        "The Reformer (LSH attention, reversible layers, chunked "
+        "feed-forward, axial positions) as composable Keras 3 layers."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_reformer", "keras_reformer.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "keras-hub>=0.32,<0.33",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        # tensorflow-datasets 4.9.10 fails to import without it on 3.11.
+        "importlib_resources>=6,<8",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            # The JAX backend tests (reversible custom_vjp) run on the CPU.
+            "jax[cpu]>=0.10,<0.11",
+        ],
+    },
+)
