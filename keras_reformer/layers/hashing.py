@@ -69,10 +69,12 @@ def hash_vectors(vectors, rotations, num_buckets):
         int32 tensor `(batch, heads, num_hashes, length)` with values in
         `[0, total_buckets(num_buckets))`.
     """
+    # Hash in float32 whatever the compute dtype: a half-precision argmax
+    # would move tokens between buckets.
     rotated = ops.einsum(
         "bhld,hdnr->bhnlr",
-        ops.stop_gradient(vectors),
-        ops.cast(rotations, vectors.dtype),
+        ops.cast(ops.stop_gradient(vectors), "float32"),
+        ops.cast(rotations, "float32"),
     )
     buckets, offset, product = 0, 0, 1
     for factor in bucket_factors(num_buckets):

@@ -9,9 +9,9 @@ from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.self_attention_base import shared_qk_keys
-from keras_reformer.layers.seeds import TensorSeed
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
+from keras_reformer.layers.seeds import random_normal
 from keras_reformer.layers.validation import check_non_negative_int
 from keras_reformer.layers.validation import check_positive_int
 
@@ -116,8 +116,8 @@ class LSHSelfAttention(SelfAttentionBase):
         values = self.project(inputs, self.value_kernel)
         if training:
             seed = draw_seed(seed, self.seed_generator)
-            rotations = keras.random.normal(
-                self._rotations_shape(), seed=TensorSeed(fold_seed(seed, 0)))
+            rotations = random_normal(
+                self._rotations_shape(), fold_seed(seed, 0))
         else:
             rotations = self.rotations
         outputs = self._attend_by_buckets(

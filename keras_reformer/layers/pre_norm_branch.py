@@ -33,8 +33,9 @@ class PreNormBranch(keras.layers.Layer):
             layer.call).parameters
 
     def build(self, input_shape):
-        self.norm.build(input_shape)
-        self.layer.build(input_shape)
+        for layer in (self.norm, self.layer):
+            if not layer.built:  # deserialisation may have built it already
+                layer.build(input_shape)
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
         kwargs = {"training": training, "seed": seed}

@@ -120,7 +120,8 @@ class ReversibleStack(keras.layers.Layer):
     def build(self, input_shape):
         _check_even(input_shape)
         for block in self.blocks:
-            block.build(input_shape)
+            if not block.built:
+                block.build(input_shape)
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
         return reversible_call(self.blocks, inputs, padding_mask, training,

@@ -63,3 +63,34 @@ def seed_tensor(value):
     >>> layer(x, training=True, seed=seed_tensor(7))  # repeatable draw
     """
     return keras.random.SeedGenerator(value).next()
+
+
+def random_normal(shape, seed):
+    """Standard normal numbers from a seed tensor, the same with or without XLA.
+
+    TensorFlow's stateless normal sampler gives different numbers under XLA
+    than in eager or graph mode for the same seed, while its raw random bits
+    agree; on TensorFlow the numbers are therefore made from raw bits by the
+    Box-Muller transform, so a model hashes alike with `jit_compile` on or
+    off. Other backends use `keras.random.normal` (JAX is consistent).
+
+    Args:
+        shape: tuple of ints.
+        seed: integer tensor of shape `(2,)`.
+
+    Returns:
+        float32 tensor of `shape`.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return keras.random.normal(shape, seed=TensorSeed(seed))
+    import tensorflow as tf
+
+    seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
+    bits = tf.random.stateless_uniform(
+        (2,) + tuple(shape), seed=seed, minval=None, maxval=None,
+        dtype=tf.uint32)
+    # The top 24 bits give uniforms strictly inside (0, 1).
+    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / (
+        2.0**24)
+    radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
+    return radius * tf.cos(2.0 * 3.141592653589793 * uniform[1])

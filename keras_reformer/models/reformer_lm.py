@@ -97,5 +97,5 @@ class MaskedMeanPooling(keras.layers.Layer):
         total = ops.sum(inputs * weights, axis=1)
         return total / ops.maximum(ops.sum(weights, axis=1), 1.0)
 
-    def compute_output_shape(self, input_shape, padding_mask_shape=None):
-        return (input_shape[0], input_shape[-1])
+    def compute_output_shape(self, inputs_shape, padding_mask_shape):
+        return (inputs_shape[0], inputs_shape[-1])

@@ -1,0 +1,46 @@
+"""Backend-agnostic helpers for the tests."""
+
+import keras
+import numpy as np
+
+
+def value_and_grads(loss_fn, inputs, variables):
+    """`loss_fn(inputs)` and its gradients wrt `inputs` and `variables`.
+
+    Runs under `tf.GradientTape` on TensorFlow and `jax.value_and_grad`
+    (with the variables mapped through a `keras.StatelessScope`) on JAX.
+
+    Returns:
+        `(loss, input_grad, [variable grads])` as numpy arrays.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        inputs = tf.convert_to_tensor(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = loss_fn(inputs)
+        grads = tape.gradient(loss, [inputs] + list(variables))
+        return to_numpy(loss), to_numpy(grads[0]), to_numpy(grads[1:])
+
+    import jax
+
+    def function(values, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return loss_fn(x)
+
+    values = [v.value for v in variables]
+    loss, (variable_grads, input_grad) = jax.value_and_grad(
+        function, argnums=(0, 1))(values, inputs)
+    return to_numpy(loss), to_numpy(input_grad), to_numpy(variable_grads)
+
+
+def to_numpy(x):
+    if isinstance(x, (list, tuple)):
+        return [to_numpy(v) for v in x]
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def assert_close(actual, expected, atol, rtol=0.0):
+    np.testing.assert_allclose(to_numpy(actual), to_numpy(expected),
+                               atol=atol, rtol=rtol)

@@ -1,0 +1,35 @@
+"""Runs the backend-agnostic layer tests again on the JAX backend.
+
+The backend is fixed when Keras is imported, so the JAX run is a separate
+pytest process; there the reversible stack and the chunked feed-forward use
+`jax.custom_vjp` instead of `tf.custom_gradient`.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+BACKEND_AGNOSTIC_TESTS = [
+    "tests/test_lsh_self_attention.py",
+    "tests/test_reversible.py",
+    "tests/test_chunked_feed_forward.py",
+    "tests/test_axial_position_embedding.py",
+]
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="this test starts the JAX run itself")
+def test_layer_tests_pass_on_jax_backend():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *BACKEND_AGNOSTIC_TESTS],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    summary = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, summary
+    assert " passed" in result.stdout and "failed" not in result.stdout, (
+        summary)

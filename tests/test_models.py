@@ -1,0 +1,141 @@
+"""Backbone, causal LM and classifier: fit, XLA parity, saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.models import ReformerBackbone
+from keras_reformer.models import ReformerClassifier
+from keras_reformer.models import ReformerLM
+from tests.helpers import assert_close
+from tests.helpers import to_numpy
+
+LENGTH = 64
+
+
+def backbone(causal=True, attention_types=("lsh", "full"), chunk_length=16,
+             **kwargs):
+    return ReformerBackbone(
+        vocabulary_size=50, hidden_dim=32, num_heads=2, head_dim=8,
+        intermediate_dim=48, attention_types=attention_types,
+        axial_shape=(8, 8), chunk_length=chunk_length, num_hashes=2,
+        causal=causal, num_chunks_after=0 if causal else 1,
+        feed_forward_chunk_length=16, seed=1, **kwargs)
+
+
+def batch(size=4, length=LENGTH, seed=0):
+    ids = np.random.RandomState(seed).randint(1, 50, (size, length + 1))
+    ids = ids.astype("int32")
+    return ({"token_ids": ids[:, :-1],
+             "padding_mask": np.ones((size, length), "int32")}, ids[:, 1:])
+
+
+def compiled_lm(jit_compile, **kwargs):
+    lm = ReformerLM(backbone(**kwargs))
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2),
+               loss=keras.losses.SparseCategoricalCrossentropy(
+                   from_logits=True),
+               jit_compile=jit_compile)
+    return lm
+
+
+def test_lm_logits_shape_and_any_length():
+    lm = compiled_lm(False)
+    for length in (1, 23, 64):
+        x, _ = batch(2, length)
+        assert to_numpy(lm(x)).shape == (2, length, 50)
+
+
+def test_causal_lm_never_reads_future_tokens():
+    # One chunk spans the sequence, so LSH sorting cannot move chunk
+    # boundaries; earlier logits must ignore every later token.
+    lm = compiled_lm(False, chunk_length=64)
+    x, _ = batch(2)
+    changed = {k: v.copy() for k, v in x.items()}
+    changed["token_ids"][:, 40:] = (changed["token_ids"][:, 40:] + 7) % 49 + 1
+    a, b = to_numpy(lm(x)), to_numpy(lm(changed))
+    assert_close(a[:, :40], b[:, :40], atol=1e-5)
+    assert np.abs(a[:, 40:] - b[:, 40:]).max() > 1e-3
+
+
+def test_fit_on_tf_data_learns_a_repeating_sequence():
+    pattern = np.arange(1, 17, dtype="int32")
+    stream = np.tile(pattern, 200)
+    windows = np.stack([stream[i:i + LENGTH + 1] for i in range(0, 512, 3)])
+    dataset = tf.data.Dataset.from_tensor_slices((
+        {"token_ids": windows[:, :-1],
+         "padding_mask": np.ones_like(windows[:, :-1])},
+        windows[:, 1:])).shuffle(256, seed=0).batch(16, drop_remainder=True)
+    lm = compiled_lm(True)
+    history = lm.fit(dataset, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0]
+    x, y = batch(1)
+    x["token_ids"] = windows[:1, :-1]
+    predicted = to_numpy(lm.predict(x, verbose=0)).argmax(-1)
+    assert (predicted[0, 20:] == windows[0, 21:]).mean() > 0.9
+
+
+@pytest.mark.parametrize("attention_types", [("lsh", "full"), ("lsh",)])
+def test_jit_compile_gives_the_same_numbers(attention_types):
+    x, y = batch(8)
+    eager = compiled_lm(False, attention_types=attention_types)
+    xla = compiled_lm(True, attention_types=attention_types)
+    xla.set_weights(eager.get_weights())
+    assert_close(xla.predict(x, verbose=0), eager.predict(x, verbose=0),
+                 atol=1e-4)
+    losses = [m.fit(x, y, batch_size=4, epochs=2, shuffle=False,
+                    verbose=0).history["loss"] for m in (eager, xla)]
+    assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
+    for a, b in zip(xla.get_weights(), eager.get_weights()):
+        assert_close(a, b, atol=1e-4)
+
+
+def test_lm_keras_file_round_trip(tmp_path):
+    lm = compiled_lm(False)
+    x, y = batch(2)
+    lm.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, ReformerLM)
+    assert loaded.backbone.get_config() == lm.backbone.get_config()
+    assert_close(loaded.predict(x, verbose=0), lm.predict(x, verbose=0),
+                 atol=0)
+
+
+def test_classifier_ignores_padding_and_round_trips(tmp_path):
+    classifier = ReformerClassifier(backbone(causal=False), num_classes=3)
+    x, _ = batch(2)
+    x["padding_mask"][:, 50:] = 0
+    x["padding_mask"][0, :4] = 0
+    noisy = {"token_ids": np.where(x["padding_mask"] == 1, x["token_ids"],
+                                   7).astype("int32"),
+             "padding_mask": x["padding_mask"]}
+    assert_close(classifier(noisy), classifier(x), atol=1e-5)
+    classifier.compile(optimizer="adam", loss=keras.losses.
+                       SparseCategoricalCrossentropy(from_logits=True))
+    classifier.fit(x, np.array([0, 2]), epochs=1, verbose=0)
+    path = str(tmp_path / "classifier.keras")
+    classifier.save(path)
+    loaded = keras.models.load_model(path)
+    assert_close(loaded.predict(x, verbose=0),
+                 classifier.predict(x, verbose=0), atol=0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"attention_types": ("lsh", "sparse")}, "attention_types"),
+    ({"attention_types": ()}, "attention_types"),
+    ({"axial_dims": (10, 10)}, "axial_dims"),
+])
+def test_bad_backbone_configuration_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        backbone(**kwargs)
+
+
+def test_task_models_check_causality():
+    with pytest.raises(ValueError, match="causal"):
+        ReformerLM(backbone(causal=False))
+    with pytest.raises(ValueError, match="causal"):
+        ReformerClassifier(backbone(causal=True), num_classes=2)
