@@ -108,7 +108,10 @@ class ChunkedFeedForward(keras.layers.Layer):
                                           chunk_seed(i))
                 return ops.slice_update(out, chunk_start(i), chunk)
 
-            out = ops.fori_loop(0, num_chunks, body, ops.zeros_like(x))
+            # `x * 0`, not `zeros_like(x)`: a constant buffer has no inputs,
+            # so XLA may allocate it at program start and keep one per layer
+            # alive (measured: benchmarks/reversible_memory.py).
+            out = ops.fori_loop(0, num_chunks, body, x * 0)
             return (out,), (x, seed, weights)
 
         def backward(residuals, output_grads):
@@ -131,7 +134,7 @@ class ChunkedFeedForward(keras.layers.Layer):
 
             x_grad, weight_grads = ops.fori_loop(
                 0, num_chunks, body,
-                (ops.zeros_like(x), [ops.zeros_like(w) for w in weights]))
+                (x * 0, [ops.zeros_like(w) for w in weights]))
             return (x_grad, None, *weight_grads)
 
         run = with_custom_gradient(forward, backward)

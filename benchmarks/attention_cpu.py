@@ -1,0 +1,99 @@
+"""LSH against full attention on the CPU: forward+backward time and memory.
+
+TensorFlow backend, `tf.function(jit_compile=True)`; batch 1, causal,
+`--heads` heads of 64, 4 hash rounds, chunk 64. Each (attention, length)
+runs in its own process so that the peak resident memory (ru_maxrss, minus
+the process's resident memory before the first call) belongs to it alone.
+Prints one JSON line per measurement; the ratio line compares the two
+attentions measured in the same run.
+
+    python benchmarks/attention_cpu.py --lengths 1024,4096,16384
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def measure(attention, length, heads, repeats):
+    import resource
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_reformer.layers import FullSelfAttention
+    from keras_reformer.layers import LSHSelfAttention
+
+    hidden = heads * 64
+    if attention == "lsh":
+        layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
+                                 causal=True)
+    else:
+        layer = FullSelfAttention(heads, 64, causal=True)
+    layer.build((1, length, hidden))
+    x = tf.constant(np.random.RandomState(0).randn(1, length, hidden),
+                    tf.float32)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        return tape.gradient(loss, [x] + layer.trainable_variables)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(x)  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        [g.numpy() for g in step(x)]
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"median_s": round(float(np.median(times)), 4),
+            "peak_rss_mib": round(peak / 1024, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,4096,16384")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        attention, length = args.single.split(":")
+        print(json.dumps(measure(attention, int(length), args.heads,
+                                 args.repeats)))
+        return
+    for length in [int(n) for n in args.lengths.split(",")]:
+        results = {}
+        for attention in ("lsh", "full"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--single",
+                 f"{attention}:{length}", "--heads", str(args.heads),
+                 "--repeats", str(args.repeats)],
+                capture_output=True, text=True,
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+            if out.returncode != 0:
+                results[attention] = {"error": out.stderr.strip()[-300:]}
+            else:
+                results[attention] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps({"benchmark": "attention_cpu", "attention": attention,
+                              "length": length, "heads": args.heads,
+                              **results[attention]}), flush=True)
+        if all("median_s" in r for r in results.values()):
+            print(json.dumps({
+                "benchmark": "attention_cpu", "length": length,
+                "full_over_lsh_time": round(results["full"]["median_s"]
+                                            / results["lsh"]["median_s"], 2),
+                "full_over_lsh_memory": round(
+                    results["full"]["peak_rss_mib"]
+                    / max(results["lsh"]["peak_rss_mib"], 1.0), 2)}),
+                flush=True)
+
+
+if __name__ == "__main__":
+    main()

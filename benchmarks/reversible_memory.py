@@ -1,0 +1,91 @@
+"""Activation memory of a training step against depth, reversible vs not.
+
+Uses XLA's own buffer assignment (JAX backend, `compiled.memory_analysis()`):
+the temporary bytes of a compiled gradient computation, excluding the
+arguments (weights, inputs) and outputs (gradients). Deterministic, so the
+numbers need no repetition. Prints one JSON line per configuration.
+
+    KERAS_BACKEND=jax python benchmarks/reversible_memory.py
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+from keras_reformer.layers import ChunkedFeedForward  # noqa: E402
+from keras_reformer.layers import LSHSelfAttention  # noqa: E402
+from keras_reformer.layers import PreNormBranch  # noqa: E402
+from keras_reformer.layers import ReversibleBlock  # noqa: E402
+from keras_reformer.layers import ReversibleStack  # noqa: E402
+from keras_reformer.layers.seeds import fold_seed  # noqa: E402
+from keras_reformer.layers.seeds import seed_tensor  # noqa: E402
+
+
+def build_stack(depth, args):
+    stack = ReversibleStack([
+        ReversibleBlock(
+            PreNormBranch(LSHSelfAttention(
+                args.heads, args.hidden // args.heads,
+                chunk_length=args.chunk, num_hashes=args.hashes,
+                num_buckets=2 * args.length // args.chunk, causal=True)),
+            PreNormBranch(ChunkedFeedForward(4 * args.hidden, args.chunk)))
+        for _ in range(depth)])
+    stack.build((1, args.length, 2 * args.hidden))
+    return stack
+
+
+def plain_forward(stack, x, seed):
+    x1, x2 = ops.split(x, 2, axis=-1)
+    for block, block_seed in zip(stack.blocks, stack.block_seeds(seed)):
+        x1 = x1 + block.f(x2, training=True, seed=fold_seed(block_seed, 0))
+        x2 = x2 + block.g(x1, training=True, seed=fold_seed(block_seed, 1))
+    return ops.concatenate([x1, x2], axis=-1)
+
+
+def temp_bytes(stack, reversible, args):
+    variables = stack.trainable_variables
+    seed = seed_tensor(0)
+
+    def loss(values, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            if reversible:
+                out = stack(x, training=True, seed=seed)
+            else:
+                out = plain_forward(stack, x, seed)
+            return ops.mean(out**2)
+
+    x = jax.ShapeDtypeStruct((1, args.length, 2 * args.hidden), "float32")
+    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        values, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--hashes", type=int, default=2)
+    parser.add_argument("--depths", default="2,6,12,24")
+    args = parser.parse_args()
+    for depth in [int(d) for d in args.depths.split(",")]:
+        stack = build_stack(depth, args)
+        for reversible in (True, False):
+            print(json.dumps({
+                "benchmark": "reversible_memory", "depth": depth,
+                "reversible": reversible, "length": args.length,
+                "hidden": args.hidden,
+                "temp_mib": round(temp_bytes(stack, reversible, args)
+                                  / 2**20, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
