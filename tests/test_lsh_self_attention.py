@@ -217,8 +217,10 @@ def test_half_precision_masks_are_finite_and_close(dtype):
     mask_value, self_value = mask_values(dtype)
     assert np.isfinite(np.array(mask_value, dtype="float32").astype(
         "float16" if dtype == "float16" else "float32"))
-    layer = many_chunk_layer()
-    half = many_chunk_layer(dtype=dtype)
+    # One chunk per round: half-precision projections may move a token to
+    # another bucket, which with many chunks changes what it attends to.
+    layer, _ = lsh_and_full(causal=True)
+    half, _ = lsh_and_full(causal=True, dtype=dtype)
     half.set_weights(layer.get_weights())
     x, mask = inputs(), padding_mask()
     expected = to_numpy(layer(x, padding_mask=mask))
@@ -226,7 +228,9 @@ def test_half_precision_masks_are_finite_and_close(dtype):
                                "float32"))
     valid = mask[..., None]
     assert np.all(np.isfinite(actual))
-    assert np.abs((actual - expected) * valid).max() < 0.1
+    # Measured over 10 seeds: at most 1.2e-3 (float16), 6.7e-3 (bfloat16).
+    tolerance = {"float16": 1e-2, "bfloat16": 5e-2}[dtype]
+    assert np.abs((actual - expected) * valid).max() < tolerance
 
 
 def test_config_round_trip():
