@@ -14,6 +14,7 @@ import pytest
 
 BACKEND_AGNOSTIC_TESTS = [
     "tests/test_lsh_self_attention.py",
+    "tests/test_local_and_linformer_attention.py",
     "tests/test_reversible.py",
     "tests/test_chunked_feed_forward.py",
     "tests/test_axial_position_embedding.py",

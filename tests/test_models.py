@@ -77,7 +77,8 @@ def test_fit_on_tf_data_learns_a_repeating_sequence():
     assert (predicted[0, 20:] == windows[0, 21:]).mean() > 0.9
 
 
-@pytest.mark.parametrize("attention_types", [("lsh", "full"), ("lsh",)])
+@pytest.mark.parametrize("attention_types", [("lsh", "full"), ("lsh",),
+                                             ("local", "lsh")])
 def test_jit_compile_gives_the_same_numbers(attention_types):
     x, y = batch(8)
     eager = compiled_lm(False, attention_types=attention_types)
@@ -105,8 +106,13 @@ def test_lm_keras_file_round_trip(tmp_path):
                  atol=0)
 
 
-def test_classifier_ignores_padding_and_round_trips(tmp_path):
-    classifier = ReformerClassifier(backbone(causal=False), num_classes=3)
+@pytest.mark.parametrize("attention_types", [
+    ("lsh", "full"), ("local", "lsh"), ("linformer", "linformer")])
+def test_classifier_ignores_padding_and_round_trips(tmp_path,
+                                                    attention_types):
+    classifier = ReformerClassifier(
+        backbone(causal=False, attention_types=attention_types),
+        num_classes=3)
     x, _ = batch(2)
     x["padding_mask"][:, 50:] = 0
     x["padding_mask"][0, :4] = 0
@@ -128,6 +134,9 @@ def test_classifier_ignores_padding_and_round_trips(tmp_path):
     ({"attention_types": ("lsh", "sparse")}, "attention_types"),
     ({"attention_types": ()}, "attention_types"),
     ({"axial_dims": (10, 10)}, "axial_dims"),
+    ({"attention_types": ("linformer",)}, "causal"),
+    ({"attention_types": ("local",), "linformer_sharing": "x"},
+     "linformer_sharing"),
 ])
 def test_bad_backbone_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):

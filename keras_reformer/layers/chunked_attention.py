@@ -26,7 +26,7 @@ def mask_values(dtype):
 
 
 def masked_scores(scores, query_positions, key_positions, key_valid, causal,
-                  mask_self):
+                  mask_self, window=None):
     """Applies the causal, padding and self masks to attention scores.
 
     Args:
@@ -36,6 +36,9 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
         key_valid: `(..., keys)` bool, False for padded keys.
         causal: bool, mask keys after the query.
         mask_self: bool, give a token's own key the self-mask score.
+        window: None, or `(chunk_length, chunks_before, chunks_after)`: mask
+            keys whose position-chunk is not within that many chunks of the
+            query's (local attention without wrap-around).
 
     Returns:
         Scores of the same shape with masked entries replaced.
@@ -46,6 +49,11 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
     allowed = ops.expand_dims(key_valid, -2)
     if causal:
         allowed = ops.logical_and(allowed, query_positions >= key_positions)
+    if window is not None:
+        chunk_length, before, after = window
+        offset = key_positions // chunk_length - query_positions // chunk_length
+        allowed = ops.logical_and(
+            allowed, ops.logical_and(offset >= -before, offset <= after))
     scores = ops.where(allowed, scores, ops.cast(mask_value, scores.dtype))
     if mask_self:
         scores = ops.where(
@@ -111,7 +119,7 @@ def look_adjacent(chunks, num_chunks_before, num_chunks_after, axis):
 
 def chunked_attention(queries, keys, values, positions, valid, chunk_length,
                       num_chunks_before, num_chunks_after, causal, mask_self,
-                      dropout_fn=None):
+                      dropout_fn=None, wrap_around=True):
     """Attention within chunks of a sequence and their neighbours.
 
     The sequence axis (of length `T`, a multiple of `chunk_length`) is cut into
@@ -127,6 +135,9 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
         num_chunks_before, num_chunks_after: int.
         causal, mask_self: see `masked_scores`.
         dropout_fn: optional dropout on attention weights.
+        wrap_around: bool; the first chunk's preceding chunk is the last one
+            (LSH: the sorted sequence is cyclic). False masks such keys
+            (local attention: neighbours are neighbours in position).
 
     Returns:
         `(outputs, logsumexp)` of shapes `(batch, heads, T, head_dim)` and
@@ -147,10 +158,13 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
     key_positions = adjacent(positions, -2)
     key_valid = adjacent(valid, -2)
 
+    window = None if wrap_around else (
+        chunk_length, num_chunks_before, num_chunks_after)
+
     def mask_fn(scores):
         return masked_scores(
-            scores, query_positions, key_positions, key_valid, causal, mask_self
-        )
+            scores, query_positions, key_positions, key_valid, causal,
+            mask_self, window)
 
     outputs, logsumexp = attend(
         split(queries), adjacent(keys, -3), adjacent(values, -3), mask_fn,

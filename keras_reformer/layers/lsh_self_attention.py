@@ -12,7 +12,7 @@ from keras_reformer.layers.self_attention_base import shared_qk_keys
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
 from keras_reformer.layers.seeds import random_normal
-from keras_reformer.layers.validation import check_non_negative_int
+from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
 
 
@@ -64,14 +64,7 @@ class LSHSelfAttention(SelfAttentionBase):
                          **kwargs)
         check_positive_int("chunk_length", chunk_length)
         check_positive_int("num_hashes", num_hashes)
-        check_non_negative_int("num_chunks_before", num_chunks_before)
-        check_non_negative_int("num_chunks_after", num_chunks_after)
-        if causal and num_chunks_after:
-            raise ValueError(
-                "A causal layer cannot attend to later chunks; received "
-                f"causal=True with num_chunks_after={num_chunks_after} "
-                "(use num_chunks_after=0)."
-            )
+        check_chunk_window(causal, num_chunks_before, num_chunks_after)
         num_buckets = _check_num_buckets(num_buckets)
         self.chunk_length = chunk_length
         self.num_hashes = num_hashes

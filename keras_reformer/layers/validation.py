@@ -21,3 +21,14 @@ def check_rate(name, value):
     """Raises ValueError unless `0 <= value < 1`."""
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1); received {name}={value!r}.")
+
+
+def check_chunk_window(causal, num_chunks_before, num_chunks_after):
+    """Checks the chunk neighbourhood of a chunked attention layer."""
+    check_non_negative_int("num_chunks_before", num_chunks_before)
+    check_non_negative_int("num_chunks_after", num_chunks_after)
+    if causal and num_chunks_after:
+        raise ValueError(
+            "A causal layer cannot attend to later chunks; received "
+            f"causal=True with num_chunks_after={num_chunks_after} "
+            "(use num_chunks_after=0).")

@@ -6,13 +6,16 @@ from keras_reformer.layers import hashing
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.full_self_attention import FullSelfAttention
+from keras_reformer.layers.linformer_self_attention import SHARING_MODES
+from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
+from keras_reformer.layers.local_self_attention import LocalSelfAttention
 from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
 from keras_reformer.layers.validation import check_positive_int
 
-ATTENTION_TYPES = ("lsh", "full")
+ATTENTION_TYPES = ("lsh", "local", "full", "linformer")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -32,16 +35,22 @@ class ReformerBackbone(keras.Model):
         num_heads: int, attention heads per layer.
         head_dim: int, size of each head.
         intermediate_dim: int, feed-forward width.
-        attention_types: list of "lsh" or "full", one per layer.
+        attention_types: list of "lsh", "local", "full" or "linformer", one
+            per layer (Linformer only when not causal).
         axial_shape: pair, axial position grid; its product is the maximum
             length.
         axial_dims: pair summing to `hidden_dim`; default half and half.
         causal: bool, decoder (True) or bidirectional encoder (False).
         chunk_length: int, LSH chunk length.
+        local_chunk_length: int, local attention chunk length; None: the
+            same as `chunk_length`.
         num_hashes: int, LSH hash rounds.
         num_buckets: LSH buckets; None: the default for the maximum length.
-        num_chunks_before: int, LSH chunks attended before.
-        num_chunks_after: int, LSH chunks attended after (0 when causal).
+        num_chunks_before: int, chunks attended before (LSH and local).
+        num_chunks_after: int, chunks attended after (0 when causal).
+        projected_length: int, Linformer's `k`; None: `min(256, max length)`.
+        linformer_sharing: Linformer projection sharing ("none", "headwise",
+            "key_value").
         feed_forward_chunk_length: int, positions per feed-forward chunk.
         activation: feed-forward activation.
         dropout: float, dropout in attention, feed-forward and embeddings.
@@ -61,8 +70,10 @@ class ReformerBackbone(keras.Model):
     def __init__(self, vocabulary_size, hidden_dim=256, num_heads=4,
                  head_dim=64, intermediate_dim=512,
                  attention_types=("lsh", "full"), axial_shape=(64, 64),
-                 axial_dims=None, causal=True, chunk_length=64, num_hashes=4,
-                 num_buckets=None, num_chunks_before=1, num_chunks_after=0,
+                 axial_dims=None, causal=True, chunk_length=64,
+                 local_chunk_length=None, num_hashes=4, num_buckets=None,
+                 num_chunks_before=1, num_chunks_after=0,
+                 projected_length=None, linformer_sharing="none",
                  feed_forward_chunk_length=64, activation="relu", dropout=0.0,
                  layer_norm_epsilon=1e-12, seed=None, **kwargs):
         check_positive_int("vocabulary_size", vocabulary_size)
@@ -74,6 +85,10 @@ class ReformerBackbone(keras.Model):
                 f"attention_types must be a non-empty list of "
                 f"{ATTENTION_TYPES}; received attention_types="
                 f"{attention_types!r}.")
+        if linformer_sharing not in SHARING_MODES:
+            raise ValueError(
+                f"linformer_sharing must be one of {SHARING_MODES}; received "
+                f"linformer_sharing={linformer_sharing!r}.")
         if axial_dims is None:
             axial_dims = (hidden_dim // 2, hidden_dim - hidden_dim // 2)
         if sum(axial_dims) != hidden_dim:
@@ -89,16 +104,26 @@ class ReformerBackbone(keras.Model):
 
         def attention(i, kind):
             name = f"attention_{i}"
+            common = {"causal": causal, "dropout": dropout,
+                      "seed": seed_for(i), "name": name}
             if kind == "lsh":
                 return LSHSelfAttention(
                     num_heads, head_dim, chunk_length=chunk_length,
                     num_hashes=num_hashes, num_buckets=resolved_buckets,
-                    causal=causal, num_chunks_before=num_chunks_before,
-                    num_chunks_after=num_chunks_after, dropout=dropout,
-                    seed=seed_for(i), name=name)
-            return FullSelfAttention(num_heads, head_dim, causal=causal,
-                                     dropout=dropout, seed=seed_for(i),
-                                     name=name)
+                    num_chunks_before=num_chunks_before,
+                    num_chunks_after=num_chunks_after, **common)
+            if kind == "local":
+                return LocalSelfAttention(
+                    num_heads, head_dim,
+                    chunk_length=local_chunk_length or chunk_length,
+                    num_chunks_before=num_chunks_before,
+                    num_chunks_after=num_chunks_after, **common)
+            if kind == "linformer":
+                return LinformerSelfAttention(
+                    num_heads, head_dim, max_length=max_length,
+                    projected_length=projected_length or min(256, max_length),
+                    sharing=linformer_sharing, **common)
+            return FullSelfAttention(num_heads, head_dim, **common)
 
         blocks = [
             ReversibleBlock(
@@ -143,10 +168,13 @@ class ReformerBackbone(keras.Model):
         self.axial_dims = tuple(axial_dims)
         self.causal = causal
         self.chunk_length = chunk_length
+        self.local_chunk_length = local_chunk_length
         self.num_hashes = num_hashes
         self.num_buckets = num_buckets
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
+        self.projected_length = projected_length
+        self.linformer_sharing = linformer_sharing
         self.feed_forward_chunk_length = feed_forward_chunk_length
         self.activation = activation
         self.dropout = dropout
@@ -172,10 +200,13 @@ class ReformerBackbone(keras.Model):
             "axial_dims": self.axial_dims,
             "causal": self.causal,
             "chunk_length": self.chunk_length,
+            "local_chunk_length": self.local_chunk_length,
             "num_hashes": self.num_hashes,
             "num_buckets": self.num_buckets,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
+            "projected_length": self.projected_length,
+            "linformer_sharing": self.linformer_sharing,
             "feed_forward_chunk_length": self.feed_forward_chunk_length,
             "activation": self.activation,
             "dropout": self.dropout,

@@ -1,0 +1,86 @@
+"""Local self-attention: each chunk attends to itself and its neighbours."""
+
+import keras
+from keras import ops
+
+from keras_reformer.layers.chunked_attention import chunked_attention
+from keras_reformer.layers.self_attention_base import SelfAttentionBase
+from keras_reformer.layers.self_attention_base import pad_to_multiple
+from keras_reformer.layers.self_attention_base import padding_mask_or_ones
+from keras_reformer.layers.seeds import draw_seed
+from keras_reformer.layers.validation import check_chunk_window
+from keras_reformer.layers.validation import check_positive_int
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class LocalSelfAttention(SelfAttentionBase):
+    """Attention within chunks of consecutive positions and their neighbours.
+
+    The sequence is cut into chunks of `chunk_length`; a query attends to the
+    keys of its chunk, of `num_chunks_before` preceding and of
+    `num_chunks_after` following chunks (no wrap-around), with the masking
+    rules of the LSH layer (causal, padding anywhere). Queries, keys and
+    values have separate projections; scores are scaled by `head_dim**-0.5`
+    (Hugging Face's local attention). Any length is padded internally.
+
+    Args:
+        num_heads: int, number of attention heads.
+        head_dim: int, size of each head.
+        chunk_length: int, tokens per chunk.
+        num_chunks_before: int, preceding chunks attended to.
+        num_chunks_after: int, following chunks attended to.
+        causal: bool, a token never attends to later tokens.
+        dropout: float, dropout on attention weights while training.
+        seed: int or None, seeds dropout.
+
+    Example:
+    >>> layer = LocalSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
+    ...                            causal=True)
+    >>> layer(keras.random.normal((1, 30, 24))).shape
+    (1, 30, 24)
+    """
+
+    def __init__(self, num_heads, head_dim, chunk_length=64,
+                 num_chunks_before=1, num_chunks_after=0, causal=False,
+                 dropout=0.0, seed=None, kernel_initializer="glorot_uniform",
+                 **kwargs):
+        super().__init__(num_heads, head_dim, shared_qk=False, dropout=dropout,
+                         kernel_initializer=kernel_initializer, seed=seed,
+                         **kwargs)
+        check_positive_int("chunk_length", chunk_length)
+        check_chunk_window(causal, num_chunks_before, num_chunks_after)
+        self.chunk_length = chunk_length
+        self.num_chunks_before = num_chunks_before
+        self.num_chunks_after = num_chunks_after
+        self.causal = causal
+
+    def call(self, inputs, padding_mask=None, training=None, seed=None):
+        batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        valid = padding_mask_or_ones(padding_mask, inputs)
+        inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
+        padded_length = ops.shape(inputs)[1]
+        queries = self.project(inputs, self.query_kernel)
+        keys = self.project(inputs, self.key_kernel) / (self.head_dim**0.5)
+        values = self.project(inputs, self.value_kernel)
+        shape = (batch, self.num_heads, padded_length)
+        positions = ops.broadcast_to(
+            ops.arange(padded_length, dtype="int32"), shape)
+        valid = ops.broadcast_to(valid[:, None, :], shape)
+        if training:
+            seed = draw_seed(seed, self.seed_generator)
+        outputs, _ = chunked_attention(
+            queries, keys, values, positions, valid, self.chunk_length,
+            self.num_chunks_before, self.num_chunks_after, self.causal,
+            mask_self=False, dropout_fn=self.dropout_fn(training, seed),
+            wrap_around=False)
+        return self.merge_heads(outputs)[:, :length]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "chunk_length": self.chunk_length,
+            "num_chunks_before": self.num_chunks_before,
+            "num_chunks_after": self.num_chunks_after,
+            "causal": self.causal,
+        })
+        return config
