@@ -3,6 +3,11 @@
 from setuptools import find_packages
 from setuptools import setup
 
+# The parity tests run Hugging Face's PyTorch Reformer. torch is pinned to
+# the CPU build these machines carry (a looser range downloads a CUDA build
+# of several GB).
+CONVERT = ["torch==2.13.0", "transformers>=5,<6"]
+
 setup(
     name="keras-reformer",
     version="0.1.0",
@@ -24,10 +29,12 @@ setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
+        # keras_reformer.convert: Hugging Face PyTorch checkpoints.
+        "convert": CONVERT,
         "test": [
             "pytest>=8,<10",
             # The JAX backend tests (reversible custom_vjp) run on the CPU.
             "jax[cpu]>=0.10,<0.11",
-        ],
+        ] + CONVERT,
     },
 )

@@ -159,10 +159,14 @@ class LSHSelfAttention(SelfAttentionBase):
             ops.reshape(outputs, (batch, heads, num_hashes, length, head_dim)),
             undo[..., None], axis=3,
         )
+        if num_hashes == 1:
+            return outputs[:, :, 0]
         logsumexp = ops.take_along_axis(
             ops.reshape(logsumexp, (batch, heads, num_hashes, length)),
             undo, axis=3,
         )
+        # softmax subtracts the maximum first: exact even when every round's
+        # logsumexp is near the -1e5 self-mask score.
         round_weights = ops.softmax(logsumexp, axis=2)
         return ops.sum(
             outputs * ops.cast(round_weights, outputs.dtype)[..., None], axis=2)
