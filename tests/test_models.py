@@ -80,6 +80,8 @@ def test_fit_on_tf_data_learns_a_repeating_sequence():
 @pytest.mark.parametrize("attention_types", [("lsh", "full"), ("lsh",),
                                              ("local", "lsh")])
 def test_jit_compile_gives_the_same_numbers(attention_types):
+    """Same predictions, losses and trained weights with and without XLA
+    (LSH rotations are drawn alike in both modes)."""
     x, y = batch(8)
     eager = compiled_lm(False, attention_types=attention_types)
     xla = compiled_lm(True, attention_types=attention_types)
@@ -148,3 +150,56 @@ def test_task_models_check_causality():
         ReformerLM(backbone(causal=False))
     with pytest.raises(ValueError, match="causal"):
         ReformerClassifier(backbone(causal=True), num_classes=2)
+
+
+def test_layerwise_linformer_shares_one_projection(tmp_path):
+    classifier = ReformerClassifier(
+        backbone(causal=False, attention_types=("linformer",) * 3,
+                 linformer_sharing="layerwise", projected_length=16),
+        num_classes=2)
+    projections = [w for w in classifier.weights
+                   if "linformer_projection" in w.path]
+    assert len(projections) == 1 and projections[0].shape == (16, 64)
+    x, _ = batch(4)
+    before = to_numpy(projections[0])
+    classifier.compile(optimizer=keras.optimizers.SGD(0.5),
+                       loss=keras.losses.SparseCategoricalCrossentropy(
+                           from_logits=True))
+    classifier.fit(x, np.array([0, 1, 1, 0]), epochs=1, verbose=0)
+    assert np.abs(to_numpy(projections[0]) - before).max() > 0
+    path = str(tmp_path / "layerwise.keras")
+    classifier.save(path)
+    loaded = keras.models.load_model(path)
+    assert_close(loaded.predict(x, verbose=0),
+                 classifier.predict(x, verbose=0), atol=0)
+    # Still one matrix after loading: changing it changes every layer.
+    stack = loaded.backbone.get_layer("reversible_stack")
+    attentions = [block.f.layer for block in stack.blocks]
+    assert all(a.key_projection is attentions[0].key_projection
+               for a in attentions)
+
+
+def test_encoder_jit_compile_parity_for_linformer_and_local():
+    x, _ = batch(8)
+    labels = np.arange(8) % 2
+    models = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(3)
+        model = ReformerClassifier(
+            backbone(causal=False, attention_types=("linformer", "local")),
+            num_classes=2)
+        # SGD moves weights in proportion to the gradients (Adam would
+        # amplify float noise in near-zero gradients).
+        model.compile(optimizer=keras.optimizers.SGD(0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True), jit_compile=jit_compile)
+        models.append(model)
+    initial = models[0].get_weights()
+    models[1].set_weights(initial)
+    for model in models:
+        model.fit(x, labels, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    moved = [np.abs(a - b).max() for a, b in
+             zip(models[0].get_weights(), initial)]
+    assert max(moved) > 1e-3
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        assert_close(a, b, atol=1e-5)

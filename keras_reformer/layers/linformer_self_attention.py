@@ -9,7 +9,7 @@ from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.validation import check_positive_int
 
-SHARING_MODES = ("none", "headwise", "key_value")
+SHARING_MODES = ("none", "headwise", "key_value", "layerwise")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -26,14 +26,20 @@ class LinformerSelfAttention(SelfAttentionBase):
 
     Sharing (the paper's modes): "none", one `E` and `F` per head;
     "headwise", one `E` and one `F` for all heads; "key_value", one matrix
-    for keys and values of all heads.
+    for keys and values of all heads; "layerwise", that one matrix shared by
+    several layers: pass the same `LinformerProjection` as
+    `shared_projection` to each (`ReformerBackbone` does this with
+    `linformer_sharing="layerwise"`; without one the layer owns its matrix).
 
     Args:
         num_heads: int, number of attention heads.
         head_dim: int, size of each head.
         max_length: int, the longest input.
         projected_length: int, `k`, rows of the projections.
-        sharing: one of "none", "headwise", "key_value".
+        sharing: one of "none", "headwise", "key_value", "layerwise".
+        shared_projection: with "layerwise", a `LinformerProjection` shared
+            with other layers (not part of the config: the model that shares
+            it rebuilds the sharing).
         causal: must be False (accepted so that every attention layer takes
             the same arguments; True raises).
         dropout: float, dropout on attention weights while training.
@@ -48,6 +54,7 @@ class LinformerSelfAttention(SelfAttentionBase):
 
     def __init__(self, num_heads, head_dim, max_length, projected_length,
                  sharing="none", causal=False, dropout=0.0, seed=None,
+                 shared_projection=None,
                  kernel_initializer="glorot_uniform",
                  projection_initializer="glorot_uniform", **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=False, dropout=dropout,
@@ -65,39 +72,51 @@ class LinformerSelfAttention(SelfAttentionBase):
                 "mixes every position, the future included; received "
                 "causal=True. Use 'lsh', 'local' or 'full' attention for a "
                 "causal model.")
+        if shared_projection is not None and sharing != "layerwise":
+            raise ValueError(
+                "shared_projection is only used with sharing='layerwise'; "
+                f"received sharing={sharing!r}.")
+        if shared_projection is not None and (
+                shared_projection.projected_length,
+                shared_projection.max_length) != (projected_length, max_length):
+            raise ValueError(
+                "shared_projection maps max_length="
+                f"{shared_projection.max_length} to projected_length="
+                f"{shared_projection.projected_length}; this layer has "
+                f"max_length={max_length}, projected_length="
+                f"{projected_length}.")
         self.max_length = max_length
         self.projected_length = projected_length
         self.sharing = sharing
         self.causal = causal
         self.projection_initializer = keras.initializers.get(
             projection_initializer)
+        # With sharing "key_value" or "layerwise" keys and values use
+        # key_projection (shared with other layers when given).
+        self.key_projection = shared_projection
+        self.value_projection = None
 
     def build(self, input_shape):
         super().build(input_shape)
         self._check_length(input_shape[1])
-        shape = (self.projected_length, self.max_length)
-        if self.sharing == "none":
-            shape = (self.num_heads,) + shape
-        self.key_projection = self.add_weight(
-            name="key_projection", shape=shape,
-            initializer=self.projection_initializer)
-        if self.sharing != "key_value":
-            self.value_projection = self.add_weight(
-                name="value_projection", shape=shape,
-                initializer=self.projection_initializer)
+        heads = self.num_heads if self.sharing == "none" else None
+        if self.key_projection is None:
+            self.key_projection = LinformerProjection(
+                self.projected_length, self.max_length, heads,
+                self.projection_initializer, name="key_projection")
+        if self.sharing in ("none", "headwise"):
+            self.value_projection = LinformerProjection(
+                self.projected_length, self.max_length, heads,
+                self.projection_initializer, name="value_projection")
+        for projection in (self.key_projection, self.value_projection):
+            if projection is not None and not projection.built:
+                projection.build(None)
 
     def _check_length(self, length):
         if isinstance(length, int) and length > self.max_length:
             raise ValueError(
                 f"LinformerSelfAttention got a sequence of length {length}, "
                 f"longer than max_length={self.max_length}.")
-
-    def _project(self, x, projection, length):
-        """`(batch, heads, length, d)` -> `(batch, heads, k, d)`."""
-        projection = ops.cast(projection[..., :length], x.dtype)
-        if self.sharing == "none":
-            return ops.einsum("hkl,bhld->bhkd", projection, x)
-        return ops.einsum("kl,bhld->bhkd", projection, x)
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
         length = ops.shape(inputs)[1]
@@ -107,10 +126,8 @@ class LinformerSelfAttention(SelfAttentionBase):
         queries = self.project(inputs, self.query_kernel)
         keys = self.project(inputs, self.key_kernel) * valid
         values = self.project(inputs, self.value_kernel) * valid
-        keys = self._project(keys, self.key_projection, length)
-        values = self._project(
-            values, self.key_projection if self.sharing == "key_value"
-            else self.value_projection, length)
+        keys = self.key_projection(keys)
+        values = (self.value_projection or self.key_projection)(values)
         if training:
             seed = draw_seed(seed, self.seed_generator)
         outputs, _ = attend(queries, keys / (self.head_dim**0.5), values,
@@ -127,5 +144,61 @@ class LinformerSelfAttention(SelfAttentionBase):
             "causal": self.causal,
             "projection_initializer": keras.initializers.serialize(
                 self.projection_initializer),
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class LinformerProjection(keras.layers.Layer):
+    """Projects `(batch, heads, length, d)` along the length to `k` rows.
+
+    Holds `E` of shape `(projected_length, max_length)` (per head when
+    `num_heads` is given); inputs shorter than `max_length` use its first
+    columns.
+
+    Args:
+        projected_length: int, `k`.
+        max_length: int, the longest input.
+        num_heads: None (one matrix for all heads) or int.
+        initializer: initializer of `E`.
+
+    Example:
+    >>> projection = LinformerProjection(8, 32)
+    >>> projection(keras.ops.ones((1, 2, 20, 4))).shape
+    (1, 2, 8, 4)
+    """
+
+    def __init__(self, projected_length, max_length, num_heads=None,
+                 initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.projected_length = projected_length
+        self.max_length = max_length
+        self.num_heads = num_heads
+        self.initializer = keras.initializers.get(initializer)
+
+    def build(self, input_shape):
+        shape = (self.projected_length, self.max_length)
+        if self.num_heads is not None:
+            shape = (self.num_heads,) + shape
+        self.kernel = self.add_weight(name="kernel", shape=shape,
+                                      initializer=self.initializer)
+
+    def call(self, inputs):
+        length = ops.shape(inputs)[2]
+        kernel = ops.cast(self.kernel[..., :length], inputs.dtype)
+        if self.num_heads is None:
+            return ops.einsum("kl,bhld->bhkd", kernel, inputs)
+        return ops.einsum("hkl,bhld->bhkd", kernel, inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[:2] + (self.projected_length,) + input_shape[3:]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "projected_length": self.projected_length,
+            "max_length": self.max_length,
+            "num_heads": self.num_heads,
+            "initializer": keras.initializers.serialize(self.initializer),
         })
         return config

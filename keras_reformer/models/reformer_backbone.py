@@ -7,6 +7,7 @@ from keras_reformer.layers.axial_position_embedding import AxialPositionEmbeddin
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.full_self_attention import FullSelfAttention
 from keras_reformer.layers.linformer_self_attention import SHARING_MODES
+from keras_reformer.layers.linformer_self_attention import LinformerProjection
 from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
 from keras_reformer.layers.local_self_attention import LocalSelfAttention
 from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
@@ -50,7 +51,7 @@ class ReformerBackbone(keras.Model):
         num_chunks_after: int, chunks attended after (0 when causal).
         projected_length: int, Linformer's `k`; None: `min(256, max length)`.
         linformer_sharing: Linformer projection sharing ("none", "headwise",
-            "key_value").
+            "key_value", or "layerwise": one matrix for every layer).
         feed_forward_chunk_length: int, positions per feed-forward chunk.
         activation: feed-forward activation.
         dropout: float, dropout in attention, feed-forward and embeddings.
@@ -99,6 +100,13 @@ class ReformerBackbone(keras.Model):
         resolved_buckets = num_buckets or hashing.auto_num_buckets(
             -(-max_length // chunk_length) * chunk_length, chunk_length)
 
+        projected_length_or_default = projected_length or min(256, max_length)
+        shared_projection = None
+        if linformer_sharing == "layerwise":
+            shared_projection = LinformerProjection(
+                projected_length_or_default, max_length,
+                name="linformer_projection")
+
         def seed_for(i):
             return None if seed is None else seed + i
 
@@ -121,8 +129,9 @@ class ReformerBackbone(keras.Model):
             if kind == "linformer":
                 return LinformerSelfAttention(
                     num_heads, head_dim, max_length=max_length,
-                    projected_length=projected_length or min(256, max_length),
-                    sharing=linformer_sharing, **common)
+                    projected_length=projected_length_or_default,
+                    sharing=linformer_sharing,
+                    shared_projection=shared_projection, **common)
             return FullSelfAttention(num_heads, head_dim, **common)
 
         blocks = [
