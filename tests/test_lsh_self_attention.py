@@ -244,3 +244,20 @@ def test_config_round_trip():
     clone.build(x.shape)
     clone.set_weights(layer.get_weights())
     assert_close(clone(x), layer(x), atol=0)
+
+
+@pytest.mark.parametrize("layer_kwargs", [{}, {"causal": True}])
+def test_bad_inputs_raise_clear_errors(layer_kwargs):
+    layer = LSHSelfAttention(2, 8, chunk_length=8, num_buckets=4,
+                             **layer_kwargs)
+    layer(inputs())
+    with pytest.raises(ValueError, match="padding_mask must have shape"):
+        layer(inputs(), padding_mask=np.ones((BATCH, LENGTH + 1), "int32"))
+    with pytest.raises(ValueError, match="padding_mask must have shape"):
+        layer(inputs(), padding_mask=np.ones((BATCH,), "int32"))
+    with pytest.raises(ValueError, match="expected axis -1"):
+        layer(np.zeros((BATCH, LENGTH, HIDDEN + 1), "float32"))
+    with pytest.raises(ValueError, match="expected ndim=3"):
+        layer(np.zeros((LENGTH, HIDDEN), "float32"))
+    with pytest.raises(ValueError, match=r"\(batch, length, hidden\)"):
+        LSHSelfAttention(2, 8, num_buckets=4).build((LENGTH, HIDDEN))

@@ -47,11 +47,14 @@ class SelfAttentionBase(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        if hidden_dim is None:
+        if len(input_shape) != 3 or hidden_dim is None:
             raise ValueError(
-                f"{type(self).__name__} needs a known hidden size (last "
-                f"axis); received input shape {input_shape}."
+                f"{type(self).__name__} takes inputs of shape (batch, "
+                f"length, hidden) with a known hidden size; received input "
+                f"shape {tuple(input_shape)}."
             )
+        # Keras then reports calls of another rank or hidden size clearly.
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: hidden_dim})
         names = ["query_key", "value"] if self.shared_qk else [
             "query", "key", "value"]
         for name in names:
@@ -99,9 +102,22 @@ class SelfAttentionBase(keras.layers.Layer):
 
 
 def padding_mask_or_ones(padding_mask, inputs):
-    """A bool `(batch, length)` mask, all True when `padding_mask` is None."""
+    """A bool `(batch, length)` mask, all True when `padding_mask` is None.
+
+    Raises:
+        ValueError: the mask's static shape is not the inputs' first two
+            axes.
+    """
     if padding_mask is None:
         return ops.ones(ops.shape(inputs)[:2], dtype="bool")
+    mask_shape = tuple(padding_mask.shape)
+    expected = tuple(inputs.shape[:2])
+    if len(mask_shape) != 2 or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(mask_shape, expected)):
+        raise ValueError(
+            f"padding_mask must have shape (batch, length) = {expected}, "
+            f"matching the inputs; received shape {mask_shape}.")
     return ops.cast(padding_mask, "bool")
 
 
