@@ -1,0 +1,322 @@
+"""Train a small causal Reformer LM on bytes, evaluate, sample, export.
+
+By default it trains on the Python standard library's own source code
+(already on the machine, nothing is downloaded), one token per byte. After
+every epoch it reports the bits per byte on held-out text (the last 5% of the
+corpus; a uniform guess scores 8.0). Then it samples a continuation of a
+held-out prompt, saves `<export-dir>.keras`, exports a TF SavedModel for
+serving to `<export-dir>` and checks that the reloaded SavedModel's logits
+equal the Python model's.
+
+    python examples/train_lm.py
+    python examples/train_lm.py --attention lsh,full --sequence-length 1024
+    python examples/train_lm.py --text-files my.txt --epochs 5
+    python examples/train_lm.py --tfds-dataset tiny_shakespeare
+"""
+
+import argparse
+import math
+import sys
+import time
+
+import keras_reformer  # noqa: F401  (first: sets KERAS_BACKEND=tensorflow)
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from keras_reformer import text_data
+from keras_reformer.export import export_for_serving
+from keras_reformer.export import save_keras_model
+from keras_reformer.layers import hashing
+from keras_reformer.metrics import BitsPerByte
+from keras_reformer.models import ReformerBackbone
+from keras_reformer.models import ReformerLM
+from keras_reformer.models.reformer_backbone import ATTENTION_TYPES
+
+CAUSAL_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "linformer")
+PROMPT_LENGTH = 64
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data (default: the Python stdlib)")
+    data.add_argument("--text-files", nargs="+", metavar="PATH",
+                      help="train on these text files instead")
+    data.add_argument("--tfds-dataset", metavar="NAME",
+                      help="train on a tensorflow-datasets text dataset that "
+                           "is already prepared here, e.g. tiny_shakespeare")
+    data.add_argument("--tfds-split", default="train")
+    data.add_argument("--tfds-feature", default="text")
+    data.add_argument("--max-corpus-bytes", type=int,
+                      default=text_data.DEFAULT_MAX_CORPUS_BYTES)
+    model = parser.add_argument_group("model")
+    model.add_argument("--sequence-length", type=int, default=256)
+    model.add_argument("--attention", "--layers", dest="attention",
+                       default="lsh",
+                       help="one attention type for every layer, or a comma "
+                            "list with one type per layer; types: "
+                            f"{', '.join(CAUSAL_ATTENTION_TYPES)}")
+    model.add_argument("--num-layers", type=int, default=None,
+                       help="number of layers (default 2 when --attention "
+                            "names one type, else the list's length)")
+    model.add_argument("--hidden-dim", type=int, default=128)
+    model.add_argument("--num-heads", type=int, default=2)
+    model.add_argument("--chunk-length", type=int, default=32)
+    model.add_argument("--num-hashes", type=int, default=2)
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=4)
+    training.add_argument("--steps-per-epoch", type=int, default=300)
+    training.add_argument("--batch-size", type=int, default=16)
+    training.add_argument("--learning-rate", type=float, default=3e-3,
+                          help="peak learning rate (warm-up, cosine decay)")
+    training.add_argument("--jit-compile",
+                          action=argparse.BooleanOptionalAction, default=True,
+                          help="compile the train step with XLA")
+    training.add_argument("--seed", type=int, default=0)
+    output = parser.add_argument_group("output")
+    output.add_argument("--sample-length", type=int, default=120,
+                        help="bytes to generate after the prompt")
+    output.add_argument("--export-dir", default="saved_models/reformer_lm")
+    args = parser.parse_args(argv)
+
+    for name in ("max_corpus_bytes", "sequence_length", "hidden_dim",
+                 "num_heads", "chunk_length", "num_hashes", "epochs",
+                 "steps_per_epoch", "batch_size", "sample_length"):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"integer; received {value}.")
+    if args.sequence_length < 2:
+        parser.error(f"--sequence-length must be at least 2; received "
+                     f"{args.sequence_length}.")
+    if args.sample_length >= args.sequence_length:
+        parser.error(f"--sample-length must be smaller than --sequence-length "
+                     f"({args.sequence_length}), the longest input the model "
+                     f"takes; received {args.sample_length}.")
+    if args.hidden_dim % args.num_heads:
+        parser.error(f"--hidden-dim must be a multiple of --num-heads "
+                     f"({args.num_heads}); received {args.hidden_dim}.")
+    if args.text_files and args.tfds_dataset:
+        parser.error("give at most one of --text-files and --tfds-dataset.")
+    args.attention_types = attention_types(parser, args.attention,
+                                           args.num_layers)
+    return args
+
+
+def attention_types(parser, attention, num_layers):
+    """The per-layer list from `--attention` and `--num-layers`."""
+    types = [t.strip() for t in attention.split(",") if t.strip()]
+    if not types or any(t not in CAUSAL_ATTENTION_TYPES for t in types):
+        parser.error(f"--attention takes types from "
+                     f"{', '.join(CAUSAL_ATTENTION_TYPES)} (linformer mixes "
+                     f"future positions, so no causal LM); received "
+                     f"{attention!r}.")
+    if num_layers is not None and num_layers < 1:
+        parser.error(f"--num-layers must be a positive integer; received "
+                     f"{num_layers}.")
+    if len(types) == 1:
+        return types * (num_layers or 2)
+    if num_layers is not None and num_layers != len(types):
+        parser.error(f"--attention {attention!r} names {len(types)} layers "
+                     f"but --num-layers is {num_layers}; give one type or "
+                     "matching counts.")
+    return types
+
+
+def load_corpus(args):
+    """`(train_bytes, held_out_bytes)` from the chosen source."""
+    start = time.time()
+    if args.text_files:
+        source = f"the text files {args.text_files}"
+        data = text_data.read_text_files(args.text_files,
+                                         args.max_corpus_bytes)
+    elif args.tfds_dataset:
+        source = f"tensorflow-datasets {args.tfds_dataset!r}"
+        data = text_data.tfds_text(args.tfds_dataset, split=args.tfds_split,
+                                   feature=args.tfds_feature,
+                                   max_bytes=args.max_corpus_bytes)
+    else:
+        source = "the Python standard library's .py sources"
+        data = text_data.stdlib_corpus(args.max_corpus_bytes)
+    train, held_out = text_data.split_corpus(data)
+    print(f"Corpus: {len(data):,} bytes from {source} "
+          f"({time.time() - start:.1f} s); training on {len(train):,}, "
+          f"holding out the last {len(held_out):,}.", flush=True)
+    return train, held_out
+
+
+def axial_shape_for(length):
+    """A near-square `(n1, n2)` with `n1 * n2 == length`, e.g. 256 -> (16, 16).
+    """
+    rows = math.isqrt(length)
+    while length % rows:
+        rows -= 1
+    return (rows, length // rows)
+
+
+def build_model(args):
+    """A causal `ReformerLM` compiled with Adam and bits per byte.
+
+    The learning rate warms up linearly, then decays along a cosine to a
+    tenth of `--learning-rate` at the last step.
+    """
+    length = args.sequence_length
+    chunk = min(args.chunk_length, length)
+    padded_length = -(-length // chunk) * chunk
+    backbone = ReformerBackbone(
+        vocabulary_size=text_data.VOCABULARY_SIZE,
+        hidden_dim=args.hidden_dim,
+        num_heads=args.num_heads,
+        head_dim=args.hidden_dim // args.num_heads,
+        intermediate_dim=2 * args.hidden_dim,
+        attention_types=args.attention_types,
+        axial_shape=axial_shape_for(length),
+        chunk_length=chunk,
+        num_hashes=args.num_hashes,
+        num_buckets=hashing.auto_num_buckets(padded_length, chunk),
+        feed_forward_chunk_length=chunk,
+        causal=True,
+        seed=args.seed)
+    model = ReformerLM(backbone)
+    total_steps = args.epochs * args.steps_per_epoch
+    warmup_steps = max(1, min(100, total_steps // 10))
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total_steps - warmup_steps), alpha=0.1,
+        warmup_target=args.learning_rate, warmup_steps=warmup_steps)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[BitsPerByte()],
+        jit_compile=args.jit_compile)
+    return model
+
+
+class HeldOutReport(keras.callbacks.Callback):
+    """Prints the held-out bits per byte after each epoch, on its own line."""
+
+    def __init__(self):
+        super().__init__()
+        self.history = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append(logs["val_bits_per_byte"])
+        print(f"==> epoch {epoch + 1}: held-out bits per byte "
+              f"{logs['val_bits_per_byte']:.3f} (training "
+              f"{logs['bits_per_byte']:.3f}; uniform 8.000), "
+              f"{time.time() - self.start:.0f} s", flush=True)
+
+
+def generate(model, prompt, length, seed):
+    """Samples `length` bytes after `prompt` with keras-hub's top-10 sampler.
+
+    The sampler fills a fixed-size buffer (prompt + room for the sample).
+    Each step reruns the model on the whole buffer (no cache) with only the
+    filled positions marked real in the padding mask, so the empty slots
+    neither attend nor move the real tokens' LSH buckets, and returns the
+    logits at the last filled position, `index - 1`.
+
+    Args:
+        model: a `ReformerLM`.
+        prompt: `bytes`.
+        length: int, bytes to generate.
+        seed: int, the sampler's seed.
+
+    Returns:
+        The generated text (`str`, without the prompt).
+    """
+    total = len(prompt) + length
+    buffer = np.zeros((1, total), "int32")
+    buffer[0, :len(prompt)] = list(prompt)
+    positions = tf.range(total)[None, :]
+
+    @tf.function
+    def logits_before(token_ids, index):
+        padding_mask = tf.cast(positions < index, tf.int32)
+        logits = model({"token_ids": token_ids, "padding_mask": padding_mask},
+                       training=False)
+        return tf.cast(logits[:, index - 1, :], tf.float32)
+
+    def next_logits(prompt, cache, index):
+        return logits_before(prompt, index), None, cache
+
+    sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
+    output = sampler(next_logits, tf.constant(buffer), index=len(prompt))
+    return text_data.detokenize(np.asarray(output)[0, len(prompt):])
+
+
+def held_out_prompt(held_out, length):
+    """`length` bytes of held-out text, starting at a line if one starts soon.
+    """
+    newline = held_out.find(b"\n", 0, 200)
+    start = newline + 1 if 0 <= newline < len(held_out) - length else 0
+    return held_out[start:start + length]
+
+
+def check_export(path, model, inputs):
+    """Max |SavedModel logits - Python model logits| on `inputs`."""
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    logits = served(token_ids=tf.constant(inputs["token_ids"]))["logits"]
+    expected = model(inputs, training=False)
+    return float(np.max(np.abs(logits.numpy() - np.asarray(expected))))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    train_text, held_out_text = load_corpus(args)
+    train = text_data.language_model_dataset(
+        train_text, args.sequence_length, args.batch_size, shuffle=True,
+        seed=args.seed, repeat=True)
+    held_out = text_data.language_model_dataset(
+        held_out_text, args.sequence_length, args.batch_size)
+    model = build_model(args)
+    print(f"Model: causal ReformerLM, {len(args.attention_types)} layer(s) "
+          f"{args.attention_types}, hidden {args.hidden_dim}, sequence "
+          f"length {args.sequence_length}, {model.count_params():,} "
+          f"parameters; jit_compile={args.jit_compile}.", flush=True)
+
+    print(f"Training {args.epochs} epochs x {args.steps_per_epoch} steps of "
+          f"{args.batch_size} x {args.sequence_length} bytes "
+          "(the first step compiles)...", flush=True)
+    start = time.time()
+    report = HeldOutReport()
+    model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+              shuffle=False,  # the dataset shuffles itself
+              validation_data=held_out, callbacks=[report],
+              verbose=1 if sys.stdout.isatty() else 2)
+    print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
+          "by epoch: " + ", ".join(f"{v:.3f}" for v in report.history),
+          flush=True)
+
+    prompt = held_out_prompt(
+        held_out_text, min(PROMPT_LENGTH, args.sequence_length -
+                           args.sample_length))
+    print(f"Sampling {args.sample_length} bytes (top-10 sampling)...",
+          flush=True)
+    sample = generate(model, prompt, args.sample_length, args.seed)
+    print("----- prompt (held-out) -----\n" + text_data.detokenize(prompt))
+    print("----- sample -----\n" + sample + "\n-----", flush=True)
+
+    keras_path = save_keras_model(model, args.export_dir + ".keras")
+    print(f"Saved {keras_path}", flush=True)
+    export_path = export_for_serving(model, args.export_dir)
+    print(f"Exported the SavedModel {export_path} (signature "
+          "serving_default: int32 token_ids (batch, length) -> logits)",
+          flush=True)
+    inputs, _ = next(iter(held_out))
+    difference = check_export(export_path, model, inputs)
+    print(f"Reloaded SavedModel vs Python model logits on a held-out batch: "
+          f"max difference {difference:.2e}", flush=True)
+    if not difference < 1e-3:
+        sys.exit(f"The exported model's logits differ from the Python "
+                 f"model's by {difference:.2e} (more than 1e-3).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Smoke run of examples/train_lm.py with tiny settings."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
+
+
+def run_example(*flags, timeout=150):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, SCRIPT, *flags], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_training_run_reports_bits_per_byte_and_exports(tmp_path):
+    export_dir = tmp_path / "reformer_lm"
+    run = run_example(
+        "--sequence-length", "64", "--num-layers", "1", "--attention", "lsh",
+        "--hidden-dim", "32", "--chunk-length", "16", "--batch-size", "8",
+        "--steps-per-epoch", "10", "--epochs", "1",
+        "--max-corpus-bytes", "60000", "--sample-length", "16",
+        "--learning-rate", "1e-2", "--export-dir", str(export_dir))
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    reported = re.findall(r"held-out bits per byte ([0-9.]+|nan|inf)", output)
+    assert len(reported) == 1, output[-3000:]
+    bits = float(reported[0])
+    assert math.isfinite(bits) and 0.0 < bits < 8.5, bits
+    assert (export_dir / "saved_model.pb").is_file()
+    assert (tmp_path / "reformer_lm.keras").is_file()
+    difference = re.search(r"max difference ([0-9.e+-]+)", output)
+    assert difference and float(difference.group(1)) < 1e-3, output[-2000:]
+    assert "----- sample -----" in output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attention", "lsh,bogus"], "--attention takes types"),
+    (["--attention", "lsh,full", "--num-layers", "3"], "names 2 layers"),
+    (["--sample-length", "300"], "--sample-length must be smaller"),
+])
+def test_bad_flags_are_rejected_with_a_clear_message(flags, message):
+    run = run_example(*flags, timeout=60)
+    assert run.returncode == 2
+    assert message in run.stderr, run.stderr[-2000:]
