@@ -20,8 +20,9 @@ def export_for_serving(model, path, verbose=False):
 
     The signature takes `token_ids`, int32 `(batch, length)` with any batch
     size and any length up to the model's maximum, treats every token as real
-    (padding mask of ones) and returns `{"logits": float32 (batch, length,
-    vocabulary)}`. The model runs with `training=False`, so LSH layers hash
+    (padding mask of ones) and returns the model's output as
+    `{"logits": float32}`: `(batch, length, vocabulary)` for a `ReformerLM`,
+    `(batch, classes)` for a `ReformerClassifier`. The model runs with `training=False`, so LSH layers hash
     with their fixed rotations and the outputs are deterministic. Loading
     needs only TensorFlow, not keras_reformer (TF Serving's case).
 

@@ -204,3 +204,29 @@ def test_save_keras_model_round_trip(tmp_path):
                                python_logits(model, token_ids), atol=1e-5)
     with pytest.raises(ValueError, match="must end in '.keras'"):
         export.save_keras_model(model, str(tmp_path / "lm.h5"))
+
+
+@pytest.mark.parametrize("attention_types,causal", [
+    (["local", "lsh"], True),
+    (["lsh", "local", "full"], True),
+    (["linformer", "local"], False),
+    (["lsh", "linformer"], False),
+])
+def test_every_attention_mix_exports(tmp_path, attention_types, causal):
+    """The serving signature works for every attention type: LMs, and
+    bidirectional classifiers (Linformer)."""
+    from keras_reformer.models import ReformerClassifier
+
+    backbone = ReformerBackbone(
+        vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
+        intermediate_dim=32, attention_types=attention_types,
+        axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
+        causal=causal, num_chunks_after=0 if causal else 1,
+        projected_length=16, seed=3)
+    model = ReformerLM(backbone) if causal else ReformerClassifier(
+        backbone, num_classes=3)
+    path = export.export_for_serving(model, str(tmp_path / "model"))
+    for batch, length in ((2, 64), (1, 37)):
+        ids = random_ids(batch, length, seed=length)
+        np.testing.assert_allclose(served_logits(path, ids),
+                                   python_logits(model, ids), atol=1e-4)
