@@ -76,6 +76,22 @@ def parse_args(argv=None):
                           action=argparse.BooleanOptionalAction, default=True,
                           help="compile the train step with XLA")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument(
+        "--strategy", default="none",
+        choices=["none", "mirrored", "multi_worker_mirrored", "tpu"],
+        help="tf.distribute strategy: mirrored (the GPUs of this machine), "
+             "multi_worker_mirrored (machines named by TF_CONFIG), tpu "
+             "(with --tpu); --batch-size is the global batch")
+    training.add_argument("--tpu", default=None,
+                          help="TPU name or grpc:// address for --strategy "
+                               "tpu (default: the TPU VM's own)")
+    training.add_argument("--steps-per-execution", type=int, default=1,
+                          help="train steps per compiled call (raise it on "
+                               "TPUs to avoid host round trips)")
+    training.add_argument("--backup-dir", default=None,
+                          help="BackupAndRestore directory: a killed run "
+                               "started again resumes from its last epoch "
+                               "(default: <export-dir>.backup)")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-length", type=int, default=120,
                         help="bytes to generate after the prompt")
@@ -84,7 +100,8 @@ def parse_args(argv=None):
 
     for name in ("max_corpus_bytes", "sequence_length", "hidden_dim",
                  "num_heads", "chunk_length", "num_hashes", "epochs",
-                 "steps_per_epoch", "batch_size", "sample_length"):
+                 "steps_per_epoch", "batch_size", "sample_length",
+                 "steps_per_execution"):
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive "
@@ -99,6 +116,11 @@ def parse_args(argv=None):
     if args.hidden_dim % args.num_heads:
         parser.error(f"--hidden-dim must be a multiple of --num-heads "
                      f"({args.num_heads}); received {args.hidden_dim}.")
+    if args.tpu and args.strategy != "tpu":
+        parser.error(f"--tpu needs --strategy tpu; received --strategy "
+                     f"{args.strategy}.")
+    if args.backup_dir is None:
+        args.backup_dir = args.export_dir + ".backup"
     if args.text_files and args.tfds_dataset:
         parser.error("give at most one of --text-files and --tfds-dataset.")
     args.attention_types = attention_types(parser, args.attention,
@@ -190,8 +212,28 @@ def build_model(args):
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[BitsPerByte()],
-        jit_compile=args.jit_compile)
+        jit_compile=args.jit_compile or args.strategy == "tpu",
+        steps_per_execution=args.steps_per_execution)
     return model
+
+
+def make_strategy(args):
+    """The `tf.distribute` strategy named by `--strategy`.
+
+    The model and optimizer are built in its scope; Keras distributes the
+    tf.data pipeline over the replicas (`--batch-size` is the global batch).
+    """
+    if args.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if args.strategy == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if args.strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=args.tpu or "local")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.get_strategy()
 
 
 class HeldOutReport(keras.callbacks.Callback):
@@ -275,7 +317,11 @@ def main(argv=None):
         seed=args.seed, repeat=True)
     held_out = text_data.language_model_dataset(
         held_out_text, args.sequence_length, args.batch_size)
-    model = build_model(args)
+    strategy = make_strategy(args)
+    with strategy.scope():
+        model = build_model(args)
+    print(f"Strategy: {args.strategy} ({strategy.num_replicas_in_sync} "
+          "replica(s)).", flush=True)
     print(f"Model: causal ReformerLM, {len(args.attention_types)} layer(s) "
           f"{args.attention_types}, hidden {args.hidden_dim}, sequence "
           f"length {args.sequence_length}, {model.count_params():,} "
@@ -288,7 +334,16 @@ def main(argv=None):
     report = HeldOutReport()
     model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
               shuffle=False,  # the dataset shuffles itself
-              validation_data=held_out, callbacks=[report],
+              validation_data=held_out,
+              # The report comes last: once an epoch is reported, it is
+              # backed up and checkpointed.
+              callbacks=[
+                  keras.callbacks.BackupAndRestore(args.backup_dir),
+                  keras.callbacks.ModelCheckpoint(
+                      args.export_dir + ".checkpoints/"
+                      "epoch_{epoch:02d}.weights.h5",
+                      save_weights_only=True),
+                  report],
               verbose=1 if sys.stdout.isatty() else 2)
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
           "by epoch: " + ", ".join(f"{v:.3f}" for v in report.history),

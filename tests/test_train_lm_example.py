@@ -49,3 +49,36 @@ def test_bad_flags_are_rejected_with_a_clear_message(flags, message):
     run = run_example(*flags, timeout=60)
     assert run.returncode == 2
     assert message in run.stderr, run.stderr[-2000:]
+
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path):
+    """SIGKILL after epoch 2 of 6; the same command then resumes at epoch 3
+    from BackupAndRestore, finishes, and removes the backup."""
+    export_dir = tmp_path / "reformer_lm"
+    flags = ["--sequence-length", "32", "--num-layers", "1", "--hidden-dim",
+             "16", "--chunk-length", "16", "--batch-size", "4",
+             "--steps-per-epoch", "3", "--epochs", "6",
+             "--max-corpus-bytes", "20000", "--sample-length", "4",
+             "--no-jit-compile", "--export-dir", str(export_dir)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    first = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("==> epoch 2:"):
+            first.kill()  # SIGKILL: no clean-up runs
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -9, "".join(seen)[-3000:]
+    backup = tmp_path / "reformer_lm.backup"
+    assert backup.is_dir() and not (export_dir / "saved_model.pb").exists()
+
+    resumed = run_example(*flags)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    epochs = [int(n) for n in re.findall(r"==> epoch (\d+):", output)]
+    assert epochs == [3, 4, 5, 6], output[-3000:]
+    assert not backup.exists()
+    assert (export_dir / "saved_model.pb").is_file()
