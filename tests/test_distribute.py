@@ -108,3 +108,4 @@ def test_mirrored_strategy_matches_one_device():
 
 def test_jax_data_parallel_matches_one_device():
     run_and_compare(JAX_SCRIPT)
+

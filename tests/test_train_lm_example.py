@@ -82,3 +82,12 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path):
     assert epochs == [3, 4, 5, 6], output[-3000:]
     assert not backup.exists()
     assert (export_dir / "saved_model.pb").is_file()
+
+
+def test_multi_worker_strategy_stops_with_the_reason(tmp_path):
+    run = run_example("--strategy", "multi_worker_mirrored",
+                      "--max-corpus-bytes", "20000", "--sequence-length", "32",
+                      "--sample-length", "4", "--export-dir",
+                      str(tmp_path / "lm"), timeout=60)
+    assert run.returncode == 1
+    assert "keras-team/keras#20585" in run.stderr, run.stderr[-2000:]
