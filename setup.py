@@ -33,6 +33,7 @@ setup(
         "convert": CONVERT,
         "test": [
             "pytest>=8,<10",
+            "hypothesis>=6,<7",
             # The JAX backend tests (reversible custom_vjp) run on the CPU.
             "jax[cpu]>=0.10,<0.11",
         ] + CONVERT,

@@ -53,7 +53,8 @@ class FullSelfAttention(SelfAttentionBase):
             keys = self.project(inputs, self.key_kernel) / (self.head_dim**0.5)
         values = self.project(inputs, self.value_kernel)
         positions = ops.arange(length, dtype="int32")
-        key_valid = padding_mask_or_ones(padding_mask, inputs)[:, None, :]
+        valid = padding_mask_or_ones(padding_mask, inputs)
+        key_valid = valid[:, None, :]
 
         def mask_fn(scores):
             return masked_scores(scores, positions, positions, key_valid,
@@ -63,7 +64,7 @@ class FullSelfAttention(SelfAttentionBase):
             seed = draw_seed(seed, self.seed_generator)
         outputs, _ = attend(queries, keys, values, mask_fn,
                             self.dropout_fn(training, seed))
-        return self.merge_heads(outputs)
+        return self.merge_heads(outputs, valid)
 
     def get_config(self):
         config = super().get_config()

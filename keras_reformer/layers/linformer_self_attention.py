@@ -121,11 +121,11 @@ class LinformerSelfAttention(SelfAttentionBase):
     def call(self, inputs, padding_mask=None, training=None, seed=None):
         length = ops.shape(inputs)[1]
         self._check_length(length)
-        valid = ops.cast(padding_mask_or_ones(padding_mask, inputs),
-                         inputs.dtype)[:, None, :, None]
+        valid = padding_mask_or_ones(padding_mask, inputs)
+        zero_padding = ops.cast(valid, inputs.dtype)[:, None, :, None]
         queries = self.project(inputs, self.query_kernel)
-        keys = self.project(inputs, self.key_kernel) * valid
-        values = self.project(inputs, self.value_kernel) * valid
+        keys = self.project(inputs, self.key_kernel) * zero_padding
+        values = self.project(inputs, self.value_kernel) * zero_padding
         keys = self.key_projection(keys)
         values = (self.value_projection or self.key_projection)(values)
         if training:
@@ -133,7 +133,7 @@ class LinformerSelfAttention(SelfAttentionBase):
         outputs, _ = attend(queries, keys / (self.head_dim**0.5), values,
                             lambda scores: scores,
                             self.dropout_fn(training, seed))
-        return self.merge_heads(outputs)
+        return self.merge_heads(outputs, valid)
 
     def get_config(self):
         config = super().get_config()

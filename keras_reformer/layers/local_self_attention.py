@@ -65,15 +65,15 @@ class LocalSelfAttention(SelfAttentionBase):
         shape = (batch, self.num_heads, padded_length)
         positions = ops.broadcast_to(
             ops.arange(padded_length, dtype="int32"), shape)
-        valid = ops.broadcast_to(valid[:, None, :], shape)
+        key_valid = ops.broadcast_to(valid[:, None, :], shape)
         if training:
             seed = draw_seed(seed, self.seed_generator)
         outputs, _ = chunked_attention(
-            queries, keys, values, positions, valid, self.chunk_length,
+            queries, keys, values, positions, key_valid, self.chunk_length,
             self.num_chunks_before, self.num_chunks_after, self.causal,
             mask_self=False, dropout_fn=self.dropout_fn(training, seed),
             wrap_around=False)
-        return self.merge_heads(outputs)[:, :length]
+        return self.merge_heads(outputs, valid)[:, :length]
 
     def get_config(self):
         config = super().get_config()

@@ -117,7 +117,7 @@ class LSHSelfAttention(SelfAttentionBase):
             query_key, values, valid, rotations,
             self.dropout_fn(training, fold_seed(seed, 1) if training else None),
         )
-        return self.merge_heads(outputs)[:, :length]
+        return self.merge_heads(outputs, valid)[:, :length]
 
     def _attend_by_buckets(self, query_key, values, valid, rotations,
                            dropout_fn):

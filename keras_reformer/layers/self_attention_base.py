@@ -73,9 +73,15 @@ class SelfAttentionBase(keras.layers.Layer):
         """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`."""
         return ops.einsum("blh,hnd->bnld", inputs, kernel)
 
-    def merge_heads(self, outputs):
-        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`."""
-        return ops.einsum("bnld,ndh->blh", outputs, self.output_kernel)
+    def merge_heads(self, outputs, valid):
+        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`.
+
+        Padded positions (`valid` False) output zeros: a padded query may
+        have no allowed key at all, and its output must not carry anything
+        from any position (a later one, say) into the residual stream.
+        """
+        merged = ops.einsum("bnld,ndh->blh", outputs, self.output_kernel)
+        return merged * ops.cast(valid, merged.dtype)[..., None]
 
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""

@@ -14,6 +14,7 @@ from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
+from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.layers.validation import check_positive_int
 
 ATTENTION_TYPES = ("lsh", "local", "full", "linformer")
@@ -150,8 +151,9 @@ class ReformerBackbone(keras.Model):
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32",
                                    name="padding_mask")
+        x = TokenIdCheck(vocabulary_size, name="token_id_check")(token_ids)
         x = keras.layers.Embedding(vocabulary_size, hidden_dim,
-                                   name="token_embedding")(token_ids)
+                                   name="token_embedding")(x)
         x = keras.layers.Add(name="add_positions")([
             x, AxialPositionEmbedding(axial_shape, axial_dims,
                                       name="position_embedding")(x)])

@@ -1,0 +1,233 @@
+"""Bad configurations and inputs end in one clear error; served models are
+safe to expose. Each case names the argument or input and what is allowed
+(see RELIABILITY.md)."""
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_reformer.export import export_for_serving
+from keras_reformer.layers import AxialPositionEmbedding
+from keras_reformer.layers import ChunkedFeedForward
+from keras_reformer.layers import FullSelfAttention
+from keras_reformer.layers import LinformerSelfAttention
+from keras_reformer.layers import LocalSelfAttention
+from keras_reformer.layers import LSHSelfAttention
+from keras_reformer.layers import ReversibleBlock
+from keras_reformer.layers import PreNormBranch
+from keras_reformer.layers.linformer_self_attention import LinformerProjection
+from keras_reformer.models import ReformerBackbone
+from keras_reformer.models import ReformerClassifier
+from keras_reformer.models import ReformerLM
+
+SMALL = dict(vocabulary_size=50, hidden_dim=16, num_heads=2, head_dim=8,
+             intermediate_dim=32, axial_shape=(8, 8), chunk_length=16,
+             num_hashes=2, seed=1)
+
+
+def backbone(**overrides):
+    return ReformerBackbone(**{**SMALL, **overrides})
+
+
+def call_layer(layer, shape=(1, 32, 16), **kwargs):
+    return layer(np.zeros(shape, "float32"), **kwargs)
+
+
+def call_twice(layer, first_shape, second_shape):
+    call_layer(layer, first_shape)
+    call_layer(layer, second_shape)
+
+
+CONFIGURATION_CASES = {
+    "lsh num_heads 0": (lambda: LSHSelfAttention(0, 8), "num_heads=0"),
+    "lsh head_dim float": (lambda: LSHSelfAttention(2, 8.0), "head_dim=8.0"),
+    "lsh chunk_length 0": (lambda: LSHSelfAttention(2, 8, chunk_length=0),
+                           "chunk_length=0"),
+    "lsh num_hashes 0": (lambda: LSHSelfAttention(2, 8, num_hashes=0),
+                         "num_hashes=0"),
+    "lsh odd buckets": (lambda: LSHSelfAttention(2, 8, num_buckets=7),
+                        "num_buckets=7"),
+    "lsh odd bucket factor": (
+        lambda: LSHSelfAttention(2, 8, num_buckets=(4, 5)), "num_buckets"),
+    "lsh three bucket factors": (
+        lambda: LSHSelfAttention(2, 8, num_buckets=(2, 2, 2)), "num_buckets"),
+    "lsh causal looks ahead": (
+        lambda: LSHSelfAttention(2, 8, causal=True, num_chunks_after=1),
+        "num_chunks_after=1"),
+    "lsh negative chunks before": (
+        lambda: LSHSelfAttention(2, 8, num_chunks_before=-1),
+        "num_chunks_before=-1"),
+    "lsh dropout 1": (lambda: LSHSelfAttention(2, 8, dropout=1.0),
+                      "dropout=1.0"),
+    "lsh auto buckets, unknown length": (
+        lambda: LSHSelfAttention(2, 8).build((1, None, 16)),
+        "num_buckets=None"),
+    "local chunk_length 0": (
+        lambda: LocalSelfAttention(2, 8, chunk_length=0), "chunk_length=0"),
+    "local causal looks ahead": (
+        lambda: LocalSelfAttention(2, 8, causal=True, num_chunks_after=2),
+        "num_chunks_after=2"),
+    "full negative dropout": (
+        lambda: FullSelfAttention(2, 8, dropout=-0.1), "dropout=-0.1"),
+    "linformer causal": (
+        lambda: LinformerSelfAttention(2, 8, 64, 16, causal=True),
+        "cannot be causal"),
+    "linformer sharing": (
+        lambda: LinformerSelfAttention(2, 8, 64, 16, sharing="rows"),
+        "sharing='rows'"),
+    "linformer max_length 0": (
+        lambda: LinformerSelfAttention(2, 8, 0, 16), "max_length=0"),
+    "linformer projected_length 0": (
+        lambda: LinformerSelfAttention(2, 8, 64, 0), "projected_length=0"),
+    "linformer shared projection without layerwise": (
+        lambda: LinformerSelfAttention(
+            2, 8, 64, 16, shared_projection=LinformerProjection(16, 64)),
+        "sharing='layerwise'"),
+    "linformer shared projection of another size": (
+        lambda: LinformerSelfAttention(
+            2, 8, 64, 16, sharing="layerwise",
+            shared_projection=LinformerProjection(8, 64)),
+        "projected_length=8"),
+    "feed-forward intermediate_dim 0": (
+        lambda: ChunkedFeedForward(0), "intermediate_dim=0"),
+    "feed-forward chunk_length -4": (
+        lambda: ChunkedFeedForward(8, chunk_length=-4), "chunk_length=-4"),
+    "axial shape of one axis": (
+        lambda: AxialPositionEmbedding((64,), (8, 8)), "axial_shape"),
+    "axial dims zero": (
+        lambda: AxialPositionEmbedding((8, 8), (0, 16)), "axial_dims"),
+    "reversible odd width": (
+        lambda: ReversibleBlock(PreNormBranch(FullSelfAttention(2, 8)),
+                                PreNormBranch(ChunkedFeedForward(8))).build(
+            (1, 8, 31)), "31"),
+    "backbone vocabulary 0": (lambda: backbone(vocabulary_size=0),
+                              "vocabulary_size=0"),
+    "backbone hidden_dim 0": (lambda: backbone(hidden_dim=0), "hidden_dim=0"),
+    "backbone unknown attention": (
+        lambda: backbone(attention_types=["lsh", "sparse"]), "sparse"),
+    "backbone no layers": (lambda: backbone(attention_types=[]),
+                           "non-empty"),
+    "backbone axial dims sum": (lambda: backbone(axial_dims=(8, 4)),
+                                "axial_dims"),
+    "backbone causal linformer": (
+        lambda: backbone(attention_types=["linformer"]), "cannot be causal"),
+    "backbone linformer sharing": (
+        lambda: backbone(linformer_sharing="all"), "linformer_sharing"),
+    "language model on an encoder": (
+        lambda: ReformerLM(backbone(causal=False, num_chunks_after=1)),
+        "causal"),
+    "classifier on a decoder": (
+        lambda: ReformerClassifier(backbone(), num_classes=2), "causal"),
+}
+
+INPUT_CASES = {
+    "attention input of rank 2": (
+        lambda: call_layer(LSHSelfAttention(2, 8, num_buckets=4), (32, 16)),
+        "takes inputs of shape (batch, length, hidden)"),
+    "attention hidden size changes": (
+        lambda: call_twice(FullSelfAttention(2, 8), (1, 32, 16), (1, 32, 12)),
+        "expected axis -1"),
+    "padding mask of another length": (
+        lambda: call_layer(LocalSelfAttention(2, 8, chunk_length=8),
+                           padding_mask=np.ones((1, 31))),
+        "padding_mask must have shape"),
+    "padding mask of rank 3": (
+        lambda: call_layer(FullSelfAttention(2, 8),
+                           padding_mask=np.ones((1, 32, 1))),
+        "padding_mask must have shape"),
+    "sequence longer than the axial positions": (
+        lambda: call_layer(AxialPositionEmbedding((4, 4), (8, 8)),
+                           (1, 17, 16)), "17 exceeds the 16 positions"),
+    "sequence longer than linformer max_length": (
+        lambda: call_layer(LinformerSelfAttention(2, 8, 16, 8), (1, 17, 16)),
+        "max_length=16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIGURATION_CASES))
+def test_bad_configuration_raises_a_clear_error(case):
+    make, message = CONFIGURATION_CASES[case]
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        make()
+
+
+@pytest.mark.parametrize("case", sorted(INPUT_CASES))
+def test_bad_input_raises_a_clear_error(case):
+    make, message = INPUT_CASES[case]
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        make()
+
+
+def test_at_least_thirty_distinct_cases():
+    assert len(CONFIGURATION_CASES) + len(INPUT_CASES) >= 30
+
+
+def lm_and_inputs():
+    model = ReformerLM(backbone(attention_types=["lsh", "local"]))
+    ids = np.random.RandomState(0).randint(0, 50, (3, 40)).astype("int32")
+    return model, ids
+
+
+@pytest.mark.parametrize("bad_id", [50, -1])
+def test_out_of_range_token_ids_raise_also_when_served(tmp_path, bad_id):
+    model, ids = lm_and_inputs()
+    ids[1, 7] = bad_id
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"token ids must be in \[0, 50\)"):
+        model(inputs)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"token ids must be in \[0, 50\)"):
+        model.predict(inputs, verbose=0)
+    path = export_for_serving(model, str(tmp_path / "lm"))
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"token ids must be in \[0, 50\)"):
+        serve(token_ids=tf.constant(ids))
+    ids[1, 7] = 49
+    assert np.all(np.isfinite(serve(token_ids=tf.constant(ids))["logits"]))
+
+
+def test_served_model_gives_identical_answers_under_concurrent_calls(
+        tmp_path):
+    model, ids = lm_and_inputs()
+    path = export_for_serving(model, str(tmp_path / "lm"))
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    requests = [np.roll(ids, shift, axis=1) for shift in range(8)]
+    serial = [serve(token_ids=tf.constant(r))["logits"].numpy()
+              for r in requests]
+    results = [None] * (4 * len(requests))
+    errors = []
+
+    def worker(index):
+        try:
+            request = requests[index % len(requests)]
+            results[index] = serve(token_ids=tf.constant(request))[
+                "logits"].numpy()
+        except Exception as error:  # collected and reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,))
+               for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, result in enumerate(results):
+        np.testing.assert_array_equal(result, serial[index % len(requests)])
+
+
+def test_keras_file_loads_in_safe_mode(tmp_path):
+    """Only registered layers are deserialised; no lambda or custom Python
+    beyond them runs (safe_mode=True raises on any lambda)."""
+    model, ids = lm_and_inputs()
+    path = str(tmp_path / "lm.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0),
+                                  model.predict(inputs, verbose=0))
