@@ -141,6 +141,11 @@ INPUT_CASES = {
     "sequence longer than the axial positions": (
         lambda: call_layer(AxialPositionEmbedding((4, 4), (8, 8)),
                            (1, 17, 16)), "17 exceeds the 16 positions"),
+    "sequences of length 0": (
+        lambda: ReformerLM(backbone())({
+            "token_ids": np.zeros((2, 0), "int32"),
+            "padding_mask": np.zeros((2, 0), "int32")}),
+        "at least one token per sequence"),
     "sequence longer than linformer max_length": (
         lambda: call_layer(LinformerSelfAttention(2, 8, 16, 8), (1, 17, 16)),
         "max_length=16"),
@@ -231,3 +236,12 @@ def test_keras_file_loads_in_safe_mode(tmp_path):
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     np.testing.assert_array_equal(loaded.predict(inputs, verbose=0),
                                   model.predict(inputs, verbose=0))
+
+
+def test_empty_batch_and_length_one_work():
+    model = ReformerLM(backbone(attention_types=["lsh", "local", "full"]))
+    for shape in ((0, 5), (2, 1)):
+        ids = np.ones(shape, "int32")
+        out = keras.ops.convert_to_numpy(
+            model({"token_ids": ids, "padding_mask": ids}))
+        assert out.shape == shape + (50,) and np.all(np.isfinite(out))

@@ -83,7 +83,10 @@ def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
     # Normalise by the sum after subtracting the maximum rather than by
     # exp(logsumexp): with scores near the -1e5 self-mask value, float32
     # cannot hold logsumexp precisely enough for weights that sum to one.
-    maximum = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
+    # `initial`: no score is below the mask value, and an empty batch has no
+    # maximum to find (Keras raises on the max of an empty tensor otherwise).
+    maximum = ops.stop_gradient(ops.max(
+        scores, axis=-1, keepdims=True, initial=mask_values("float32")[0]))
     exponentials = ops.exp(scores - maximum)
     total = ops.sum(exponentials, axis=-1, keepdims=True)
     weights = exponentials / total

@@ -26,6 +26,10 @@ class TokenIdCheck(keras.layers.Layer):
         self.vocabulary_size = vocabulary_size
 
     def call(self, token_ids):
+        if token_ids.shape[-1] == 0:
+            raise ValueError(
+                "token_ids must hold at least one token per sequence; "
+                f"received shape {tuple(token_ids.shape)}.")
         message = (f"token ids must be in [0, {self.vocabulary_size}) "
                    f"(vocabulary_size={self.vocabulary_size})")
         if keras.backend.backend() == "tensorflow":
