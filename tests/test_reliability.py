@@ -141,6 +141,11 @@ INPUT_CASES = {
     "sequence longer than the axial positions": (
         lambda: call_layer(AxialPositionEmbedding((4, 4), (8, 8)),
                            (1, 17, 16)), "17 exceeds the 16 positions"),
+    "float token ids": (
+        lambda: ReformerLM(backbone())({
+            "token_ids": np.array([[1.5, 2.0]]),
+            "padding_mask": np.ones((1, 2), "int32")}),
+        "token_ids must be integers; received dtype float64"),
     "sequences of length 0": (
         lambda: ReformerLM(backbone())({
             "token_ids": np.zeros((2, 0), "int32"),

@@ -16,12 +16,13 @@ from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
 from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.models.token_inputs import TokenInputsMixin
 
 ATTENTION_TYPES = ("lsh", "local", "full", "linformer")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerBackbone(keras.Model):
+class ReformerBackbone(TokenInputsMixin, keras.Model):
     """Reformer encoder/decoder stack as a functional Keras model.
 
     token ids -> embedding + axial positions -> `[x, x]` -> reversible stack

@@ -3,9 +3,11 @@
 import keras
 from keras import ops
 
+from keras_reformer.models.token_inputs import TokenInputsMixin
+
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerLM(keras.Model):
+class ReformerLM(TokenInputsMixin, keras.Model):
     """Causal language model: backbone features -> next-token logits.
 
     Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
@@ -45,7 +47,7 @@ class ReformerLM(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerClassifier(keras.Model):
+class ReformerClassifier(TokenInputsMixin, keras.Model):
     """Sequence classifier: mean of the valid tokens' features -> logits.
 
     Args:
