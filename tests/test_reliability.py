@@ -250,3 +250,16 @@ def test_empty_batch_and_length_one_work():
         out = keras.ops.convert_to_numpy(
             model({"token_ids": ids, "padding_mask": ids}))
         assert out.shape == shape + (50,) and np.all(np.isfinite(out))
+
+
+def test_out_of_range_token_ids_poison_outputs_under_xla():
+    """XLA drops assertions; the bad sequence's logits are NaN instead of
+    plausible numbers, the other sequences are unaffected."""
+    model, ids = lm_and_inputs()
+    model.compile(jit_compile=True)
+    ids[1, 7] = 50
+    out = model.predict({"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                        verbose=0)
+    finite = np.isfinite(out).all(axis=(1, 2))
+    np.testing.assert_array_equal(finite, [True, False, True])
+    assert np.isnan(out[1, 7]).all()

@@ -1,4 +1,4 @@
-"""Out-of-range token ids raise instead of reading garbage embeddings."""
+"""Out-of-range token ids fail loudly instead of reading garbage embeddings."""
 
 import keras
 from keras import ops
@@ -6,19 +6,25 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class TokenIdCheck(keras.layers.Layer):
-    """Passes token ids through, raising if one is outside `[0, vocabulary)`.
+    """Checks that token ids lie in `[0, vocabulary)`.
 
     An embedding gather with a bad id is silently wrong on some devices (on
-    GPU it returns zeros). On TensorFlow the check is an assertion in the
-    graph, so it also runs in an exported SavedModel; XLA drops assertions,
-    so under `jit_compile=True` it cannot fire. On other backends it checks
-    concrete (eager) ids only.
+    GPU it returns zeros). This layer returns the ids (to embed) and a
+    factor to multiply the embeddings by, `(batch, length, 1)`: 1 for valid
+    ids, NaN for bad ones; and it raises where the backend can raise, before
+    the embedding runs:
+
+    - TensorFlow eager and graph mode, and so an exported SavedModel: an
+      assertion raises `InvalidArgumentError` naming the range;
+    - other backends with concrete (eager) ids: `ValueError`;
+    - inside XLA (`jit_compile=True`, JAX's jit), which drops assertions:
+      the NaN factor makes every affected output NaN instead of plausible.
 
     Args:
         vocabulary_size: int, the number of valid ids.
 
     Example:
-    >>> TokenIdCheck(10)(keras.ops.array([[3, 12]]))  # raises: 12 >= 10
+    >>> ids, factor = TokenIdCheck(10)(keras.ops.array([[3, 12]]))  # raises
     """
 
     def __init__(self, vocabulary_size, **kwargs):
@@ -32,27 +38,28 @@ class TokenIdCheck(keras.layers.Layer):
                 f"received shape {tuple(token_ids.shape)}.")
         message = (f"token ids must be in [0, {self.vocabulary_size}) "
                    f"(vocabulary_size={self.vocabulary_size})")
+        valid = ops.logical_and(token_ids >= 0,
+                                token_ids < self.vocabulary_size)
+        factor = ops.where(valid, 1.0, float("nan"))[..., None]
+        factor = ops.cast(factor, self.compute_dtype)
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            checks = [
-                tf.debugging.assert_non_negative(token_ids, message=message),
-                tf.debugging.assert_less(
-                    token_ids, tf.cast(self.vocabulary_size, token_ids.dtype),
-                    message=message),
-            ]
-            with tf.control_dependencies(checks):
-                return tf.identity(token_ids)
+            check = tf.debugging.Assert(tf.reduce_all(valid), [message])
+            with tf.control_dependencies([check]):
+                return tf.identity(token_ids), tf.identity(factor)
         if not _is_traced(token_ids):
             values = ops.convert_to_numpy(token_ids)
             if values.size and (values.min() < 0
                                 or values.max() >= self.vocabulary_size):
                 raise ValueError(f"{message}; received ids from "
                                  f"{values.min()} to {values.max()}.")
-        return token_ids
+        return token_ids, factor
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def compute_output_spec(self, token_ids):
+        shape = tuple(token_ids.shape)
+        return (keras.KerasTensor(shape, token_ids.dtype),
+                keras.KerasTensor(shape + (1,), self.compute_dtype))
 
     def get_config(self):
         config = super().get_config()

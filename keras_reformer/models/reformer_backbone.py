@@ -152,9 +152,11 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32",
                                    name="padding_mask")
-        x = TokenIdCheck(vocabulary_size, name="token_id_check")(token_ids)
+        checked_ids, id_factor = TokenIdCheck(
+            vocabulary_size, name="token_id_check")(token_ids)
         x = keras.layers.Embedding(vocabulary_size, hidden_dim,
-                                   name="token_embedding")(x)
+                                   name="token_embedding")(checked_ids)
+        x = keras.layers.Multiply(name="poison_bad_ids")([x, id_factor])
         x = keras.layers.Add(name="add_positions")([
             x, AxialPositionEmbedding(axial_shape, axial_dims,
                                       name="position_embedding")(x)])
