@@ -109,3 +109,37 @@ def test_mirrored_strategy_matches_one_device():
 def test_jax_data_parallel_matches_one_device():
     run_and_compare(JAX_SCRIPT)
 
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tf.distribute is TensorFlow's")
+def test_tpu_style_compiled_steps_under_a_strategy_scope():
+    """What a TPU needs, as far as a CPU can show it: the model and
+    optimizer built in a strategy's scope, static shapes, the whole train
+    step compiled by XLA (an op XLA cannot compile would fail here) and
+    several steps per compiled call."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_reformer.models import ReformerBackbone
+    from keras_reformer.models import ReformerLM
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = ReformerLM(ReformerBackbone(
+            50, hidden_dim=16, num_heads=2, head_dim=8, intermediate_dim=32,
+            attention_types=["lsh", "local"], axial_shape=(8, 8),
+            chunk_length=16, num_hashes=2, seed=1))
+        model.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True),
+                      jit_compile=True, steps_per_execution=3)
+    ids = np.random.RandomState(0).randint(1, 50, (24, 65)).astype("int32")
+    dataset = tf.data.Dataset.from_tensor_slices((
+        {"token_ids": ids[:, :-1], "padding_mask": np.ones((24, 64), "int32")},
+        ids[:, 1:])).batch(4, drop_remainder=True)
+    assert dataset.element_spec[1].shape.is_fully_defined()
+    history = model.fit(dataset, epochs=2, verbose=0)
+    assert model.optimizer.iterations.numpy() == 12
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][1] < history.history["loss"][0]
