@@ -6,8 +6,24 @@ from keras import ops
 from keras_reformer.models.token_inputs import TokenInputsMixin
 
 
+class ReformerTask(TokenInputsMixin, keras.Model):
+    """A functional model on top of a `ReformerBackbone`, which its config
+    holds serialised (keras-hub's task pattern)."""
+
+    def task_config(self):
+        """The config entries every task has: name and backbone."""
+        return {"name": self.name, "trainable": self.trainable,
+                "backbone": keras.layers.serialize(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerLM(TokenInputsMixin, keras.Model):
+class ReformerLM(ReformerTask):
     """Causal language model: backbone features -> next-token logits.
 
     Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
@@ -36,18 +52,11 @@ class ReformerLM(TokenInputsMixin, keras.Model):
         self.backbone = backbone
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable,
-                "backbone": keras.layers.serialize(self.backbone)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
+        return self.task_config()
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerClassifier(TokenInputsMixin, keras.Model):
+class ReformerClassifier(ReformerTask):
     """Sequence classifier: mean of the valid tokens' features -> logits.
 
     Args:
@@ -79,15 +88,8 @@ class ReformerClassifier(TokenInputsMixin, keras.Model):
         self.dropout = dropout
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable,
-                "backbone": keras.layers.serialize(self.backbone),
-                "num_classes": self.num_classes, "dropout": self.dropout}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
+        return {**self.task_config(), "num_classes": self.num_classes,
+                "dropout": self.dropout}
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
