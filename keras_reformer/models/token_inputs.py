@@ -1,21 +1,38 @@
 """Input checks shared by the models that take token ids."""
 
 import keras
+from keras import ops
 
 
 class TokenInputsMixin:
-    """Rejects floating-point `token_ids` before Keras casts them.
+    """Rejects non-integral `token_ids` before Keras casts them.
 
     A functional model casts its inputs to the dtype of its `keras.Input`
-    (int32), which would silently truncate ids such as 1.5 to 1.
+    (int32), which would silently truncate an id such as 1.5 to 1. Integral
+    values in a float dtype pass (Keras's own input pipelines may convert
+    integer arrays to floats, for instance under `tf.distribute`).
     """
 
     def call(self, inputs, *args, **kwargs):
-        token_ids = inputs["token_ids"] if isinstance(inputs, dict) else None
-        dtype = getattr(token_ids, "dtype", None)
-        if dtype is not None and "float" in keras.backend.standardize_dtype(
-                dtype):
-            raise ValueError(
-                "token_ids must be integers; received dtype "
-                f"{keras.backend.standardize_dtype(dtype)}.")
+        if isinstance(inputs, dict) and "token_ids" in inputs:
+            token_ids = inputs["token_ids"]
+            dtype = keras.backend.standardize_dtype(token_ids.dtype)
+            if "float" in dtype:
+                inputs = dict(inputs, token_ids=_integral(token_ids, dtype))
         return super().call(inputs, *args, **kwargs)
+
+
+def _integral(token_ids, dtype):
+    """`token_ids`, after checking that every value is a whole number."""
+    message = f"token_ids must be whole numbers; received dtype {dtype} "
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        whole = tf.reduce_all(tf.equal(token_ids, tf.floor(token_ids)))
+        check = tf.debugging.Assert(whole, [message + "with fractions"])
+        with tf.control_dependencies([check]):
+            return tf.identity(token_ids)
+    values = ops.convert_to_numpy(token_ids)
+    if (values != values.round()).any():
+        raise ValueError(message + f"with fractions such as {values.max()}.")
+    return token_ids
