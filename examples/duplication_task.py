@@ -22,7 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_reformer.models import ReformerBackbone  # noqa: E402
-from keras_reformer.models import ReformerLM  # noqa: E402
+from keras_reformer.models import ReformerCausalLM  # noqa: E402
 
 
 def duplication_batch(rng, batch_size, length, vocabulary_size):
@@ -49,7 +49,7 @@ def build_model(args, num_hashes):
                                                        args.length // rows),
         chunk_length=args.chunk_length, num_hashes=num_hashes,
         num_buckets=args.num_buckets, causal=True, seed=args.seed)
-    model = ReformerLM(backbone)
+    model = ReformerCausalLM(backbone)
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -31,7 +31,7 @@ from keras_reformer.export import save_keras_model
 from keras_reformer.layers import hashing
 from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerBackbone
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 from keras_reformer.models.reformer_backbone import ATTENTION_TYPES
 
 CAUSAL_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "linformer")
@@ -181,7 +181,7 @@ def axial_shape_for(length):
 
 
 def build_model(args):
-    """A causal `ReformerLM` compiled with Adam and bits per byte.
+    """A causal `ReformerCausalLM` compiled with Adam and bits per byte.
 
     The learning rate warms up linearly, then decays along a cosine to a
     tenth of `--learning-rate` at the last step.
@@ -203,7 +203,7 @@ def build_model(args):
         feed_forward_chunk_length=chunk,
         causal=True,
         seed=args.seed)
-    model = ReformerLM(backbone)
+    model = ReformerCausalLM(backbone)
     total_steps = args.epochs * args.steps_per_epoch
     warmup_steps = max(1, min(100, total_steps // 10))
     learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -273,7 +273,7 @@ def generate(model, prompt, length, seed):
     logits at the last filled position, `index - 1`.
 
     Args:
-        model: a `ReformerLM`.
+        model: a `ReformerCausalLM`.
         prompt: `bytes`.
         length: int, bytes to generate.
         seed: int, the sampler's seed.
@@ -331,7 +331,7 @@ def main(argv=None):
         model = build_model(args)
     print(f"Strategy: {args.strategy} ({strategy.num_replicas_in_sync} "
           "replica(s)).", flush=True)
-    print(f"Model: causal ReformerLM, {len(args.attention_types)} layer(s) "
+    print(f"Model: causal ReformerCausalLM, {len(args.attention_types)} layer(s) "
           f"{args.attention_types}, hidden {args.hidden_dim}, sequence "
           f"length {args.sequence_length}, {model.count_params():,} "
           f"parameters; jit_compile={args.jit_compile}.", flush=True)

@@ -21,7 +21,7 @@ def export_for_serving(model, path, verbose=False):
     The signature takes `token_ids`, int32 `(batch, length)` with any batch
     size and any length up to the model's maximum, treats every token as real
     (padding mask of ones) and returns the model's output as
-    `{"logits": float32}`: `(batch, length, vocabulary)` for a `ReformerLM`,
+    `{"logits": float32}`: `(batch, length, vocabulary)` for a `ReformerCausalLM`,
     `(batch, classes)` for a `ReformerClassifier`. The model runs with `training=False`, so LSH layers hash
     with their fixed rotations and the outputs are deterministic. Loading
     needs only TensorFlow, not keras_reformer (TF Serving's case).
@@ -32,7 +32,7 @@ def export_for_serving(model, path, verbose=False):
 
     Args:
         model: a Keras model with dict inputs `token_ids` and `padding_mask`
-            (e.g. a `ReformerLM`) returning logits.
+            (e.g. a `ReformerCausalLM`) returning logits.
         path: destination directory; an existing SavedModel there is
             replaced only once the new one is completely written.
         verbose: bool, let Keras print the exported endpoints.

@@ -21,7 +21,7 @@ COMMON = textwrap.dedent("""
     import json
     import keras
     import numpy as np
-    from keras_reformer.models import ReformerBackbone, ReformerLM
+    from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 
     def make():
         keras.utils.set_random_seed(1)
@@ -29,7 +29,7 @@ COMMON = textwrap.dedent("""
             50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
             attention_types=["lsh", "local"], axial_shape=(8, 8),
             chunk_length=16, num_hashes=2, seed=1)
-        model = ReformerLM(backbone)
+        model = ReformerCausalLM(backbone)
         model.compile(optimizer=keras.optimizers.SGD(0.1),
                       loss=keras.losses.SparseCategoricalCrossentropy(
                           from_logits=True))
@@ -122,11 +122,11 @@ def test_tpu_style_compiled_steps_under_a_strategy_scope():
     import tensorflow as tf
 
     from keras_reformer.models import ReformerBackbone
-    from keras_reformer.models import ReformerLM
+    from keras_reformer.models import ReformerCausalLM
 
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
-        model = ReformerLM(ReformerBackbone(
+        model = ReformerCausalLM(ReformerBackbone(
             50, hidden_dim=16, num_heads=2, head_dim=8, intermediate_dim=32,
             attention_types=["lsh", "local"], axial_shape=(8, 8),
             chunk_length=16, num_hashes=2, seed=1))

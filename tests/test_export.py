@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_reformer import export
 from keras_reformer.models import ReformerBackbone
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 
 VOCABULARY = 256
 MAX_LENGTH = 64
@@ -68,7 +68,7 @@ print("served", {k: v.shape for k, v in outputs.items()})
 
 
 def tiny_lm(seed):
-    return ReformerLM(ReformerBackbone(
+    return ReformerCausalLM(ReformerBackbone(
         vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=32, attention_types=["lsh", "full"],
         axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
@@ -223,7 +223,7 @@ def test_every_attention_mix_exports(tmp_path, attention_types, causal):
         axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
         causal=causal, num_chunks_after=0 if causal else 1,
         projected_length=16, seed=3)
-    model = ReformerLM(backbone) if causal else ReformerClassifier(
+    model = ReformerCausalLM(backbone) if causal else ReformerClassifier(
         backbone, num_classes=3)
     path = export.export_for_serving(model, str(tmp_path / "model"))
     for batch, length in ((2, 64), (1, 37)):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_reformer.models import ReformerBackbone
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 from tests.helpers import to_numpy
 
 PATTERN = np.tile(np.arange(1, 17, dtype="int32"), 100)
@@ -18,7 +18,7 @@ def language_model(policy, chunk_length=16):
     keras.mixed_precision.set_dtype_policy(policy)
     try:
         keras.utils.set_random_seed(1)
-        return ReformerLM(ReformerBackbone(
+        return ReformerCausalLM(ReformerBackbone(
             50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
             attention_types=["lsh", "local", "full"], axial_shape=(8, 8),
             chunk_length=chunk_length, local_chunk_length=16, num_hashes=2,

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerClassifier
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 from tests.helpers import assert_close
 from tests.helpers import to_numpy
 
@@ -32,7 +32,7 @@ def batch(size=4, length=LENGTH, seed=0):
 
 
 def compiled_lm(jit_compile, **kwargs):
-    lm = ReformerLM(backbone(**kwargs))
+    lm = ReformerCausalLM(backbone(**kwargs))
     lm.compile(optimizer=keras.optimizers.Adam(1e-2),
                loss=keras.losses.SparseCategoricalCrossentropy(
                    from_logits=True),
@@ -102,7 +102,7 @@ def test_lm_keras_file_round_trip(tmp_path):
     path = str(tmp_path / "lm.keras")
     lm.save(path)
     loaded = keras.models.load_model(path)
-    assert isinstance(loaded, ReformerLM)
+    assert isinstance(loaded, ReformerCausalLM)
     assert loaded.backbone.get_config() == lm.backbone.get_config()
     assert_close(loaded.predict(x, verbose=0), lm.predict(x, verbose=0),
                  atol=0)
@@ -147,7 +147,7 @@ def test_bad_backbone_configuration_raises(kwargs, message):
 
 def test_task_models_check_causality():
     with pytest.raises(ValueError, match="causal"):
-        ReformerLM(backbone(causal=False))
+        ReformerCausalLM(backbone(causal=False))
     with pytest.raises(ValueError, match="causal"):
         ReformerClassifier(backbone(causal=True), num_classes=2)
 

@@ -21,7 +21,7 @@ from keras_reformer.layers import PreNormBranch
 from keras_reformer.layers.linformer_self_attention import LinformerProjection
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerClassifier
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 
 SMALL = dict(vocabulary_size=50, hidden_dim=16, num_heads=2, head_dim=8,
              intermediate_dim=32, axial_shape=(8, 8), chunk_length=16,
@@ -117,7 +117,7 @@ CONFIGURATION_CASES = {
     "backbone linformer sharing": (
         lambda: backbone(linformer_sharing="all"), "linformer_sharing"),
     "language model on an encoder": (
-        lambda: ReformerLM(backbone(causal=False, num_chunks_after=1)),
+        lambda: ReformerCausalLM(backbone(causal=False, num_chunks_after=1)),
         "causal"),
     "classifier on a decoder": (
         lambda: ReformerClassifier(backbone(), num_classes=2), "causal"),
@@ -142,7 +142,7 @@ INPUT_CASES = {
         lambda: call_layer(AxialPositionEmbedding((4, 4), (8, 8)),
                            (1, 17, 16)), "17 exceeds the 16 positions"),
     "sequences of length 0": (
-        lambda: ReformerLM(backbone())({
+        lambda: ReformerCausalLM(backbone())({
             "token_ids": np.zeros((2, 0), "int32"),
             "padding_mask": np.zeros((2, 0), "int32")}),
         "at least one token per sequence"),
@@ -171,7 +171,7 @@ def test_at_least_thirty_distinct_cases():
 
 
 def lm_and_inputs():
-    model = ReformerLM(backbone(attention_types=["lsh", "local"]))
+    model = ReformerCausalLM(backbone(attention_types=["lsh", "local"]))
     ids = np.random.RandomState(0).randint(0, 50, (3, 40)).astype("int32")
     return model, ids
 
@@ -239,7 +239,7 @@ def test_keras_file_loads_in_safe_mode(tmp_path):
 
 
 def test_empty_batch_and_length_one_work():
-    model = ReformerLM(backbone(attention_types=["lsh", "local", "full"]))
+    model = ReformerCausalLM(backbone(attention_types=["lsh", "local", "full"]))
     for shape in ((0, 5), (2, 1)):
         ids = np.ones(shape, "int32")
         out = keras.ops.convert_to_numpy(
@@ -261,7 +261,7 @@ def test_out_of_range_token_ids_poison_outputs_under_xla():
 
 
 def test_fractional_token_ids_raise_and_whole_floats_pass():
-    model = ReformerLM(backbone())
+    model = ReformerCausalLM(backbone())
     mask = np.ones((1, 3), "int32")
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="token_ids must be whole numbers"):

@@ -1,8 +1,8 @@
-"""Hugging Face transformers' PyTorch Reformer -> keras_reformer `ReformerLM`.
+"""Hugging Face transformers' PyTorch Reformer -> keras_reformer `ReformerCausalLM`.
 
 Maps every weight of a `ReformerModelWithLMHead` (embeddings, axial
 positions, LSH and local attention, chunked feed-forward, the reversible
-layers' norms, the final norm, the LM head) onto a `ReformerLM` built from the
+layers' norms, the final norm, the LM head) onto a `ReformerCausalLM` built from the
 same `ReformerConfig`. torch and transformers are needed only here (the
 `convert` extra).
 """
@@ -12,14 +12,14 @@ import numpy as np
 from keras_reformer.layers.local_self_attention import LocalSelfAttention
 from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
 from keras_reformer.models import ReformerBackbone
-from keras_reformer.models import ReformerLM
+from keras_reformer.models import ReformerCausalLM
 
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu",
                 "swish": "silu", "tanh": "tanh"}
 
 
 def from_huggingface(model_or_path):
-    """A `ReformerLM` with the weights of a Hugging Face Reformer LM.
+    """A `ReformerCausalLM` with the weights of a Hugging Face Reformer LM.
 
     LSH buckets depend on random rotations. Hugging Face draws them afresh
     on each call unless `config.hash_seed` is set; with a seed, the
@@ -31,7 +31,7 @@ def from_huggingface(model_or_path):
             directory saved with `save_pretrained`.
 
     Returns:
-        A `ReformerLM` whose inference logits equal the Hugging Face
+        A `ReformerCausalLM` whose inference logits equal the Hugging Face
         model's in eval mode (for lengths that are multiples of the chunk
         lengths, as Hugging Face pads to those).
 
@@ -47,7 +47,7 @@ def from_huggingface(model_or_path):
     config = model_or_path.config
     weights = {name: value.detach().cpu().numpy()
                for name, value in model_or_path.state_dict().items()}
-    lm = ReformerLM(ReformerBackbone(**backbone_arguments(config)))
+    lm = ReformerCausalLM(ReformerBackbone(**backbone_arguments(config)))
     _load_weights(lm, weights, config)
     return lm
 

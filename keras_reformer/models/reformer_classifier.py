@@ -1,58 +1,9 @@
-"""Task models on top of a `ReformerBackbone`: causal LM and classifier."""
+"""Sequence classifier on a bidirectional `ReformerBackbone`."""
 
 import keras
 from keras import ops
 
-from keras_reformer.models.token_inputs import TokenInputsMixin
-
-
-class ReformerTask(TokenInputsMixin, keras.Model):
-    """A functional model on top of a `ReformerBackbone`, which its config
-    holds serialised (keras-hub's task pattern)."""
-
-    def task_config(self):
-        """The config entries every task has: name and backbone."""
-        return {"name": self.name, "trainable": self.trainable,
-                "backbone": keras.layers.serialize(self.backbone)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
-
-
-@keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerLM(ReformerTask):
-    """Causal language model: backbone features -> next-token logits.
-
-    Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
-    logits `(batch, length, vocabulary_size)`.
-
-    Args:
-        backbone: a causal `ReformerBackbone`.
-
-    Example:
-    >>> lm = ReformerLM(ReformerBackbone(vocabulary_size=256, hidden_dim=32,
-    ...     num_heads=2, head_dim=16, intermediate_dim=64,
-    ...     axial_shape=(8, 16), chunk_length=16))
-    >>> lm.compile(optimizer="adam", loss=keras.losses.
-    ...     SparseCategoricalCrossentropy(from_logits=True))
-    """
-
-    def __init__(self, backbone, **kwargs):
-        if not backbone.causal:
-            raise ValueError(
-                "ReformerLM needs a causal backbone; received a backbone with "
-                "causal=False.")
-        inputs = backbone.input
-        logits = keras.layers.Dense(backbone.vocabulary_size, name="lm_head")(
-            backbone(inputs))
-        super().__init__(inputs=inputs, outputs=logits, **kwargs)
-        self.backbone = backbone
-
-    def get_config(self):
-        return self.task_config()
+from keras_reformer.models.reformer_task import ReformerTask
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
