@@ -10,13 +10,23 @@ import shutil
 import tempfile
 
 import keras
+import keras_hub
 import tensorflow as tf
 
 SERVING_ENDPOINT = "serve"
+GENERATE_ENDPOINT = "generate"
+GENERATE_SIGNATURE = [
+    tf.TensorSpec((None, None), tf.int32, name="token_ids"),
+    tf.TensorSpec((None, None), tf.int32, name="padding_mask"),
+    tf.TensorSpec((), tf.int32, name="max_length"),
+    tf.TensorSpec((), tf.int32, name="top_k"),
+    tf.TensorSpec((), tf.float32, name="temperature"),
+    tf.TensorSpec((), tf.int32, name="seed"),
+]
 
 
 def export_for_serving(model, path, verbose=False):
-    """Writes `model` as a TF SavedModel with a `serving_default` signature.
+    """Writes `model` as a TF SavedModel for serving.
 
     The signature takes `token_ids`, int32 `(batch, length)` with any batch
     size and any length up to the model's maximum, treats every token as real
@@ -26,9 +36,17 @@ def export_for_serving(model, path, verbose=False):
     with their fixed rotations and the outputs are deterministic. Loading
     needs only TensorFlow, not keras_reformer (TF Serving's case).
 
-    `keras.export.ExportArchive` registers the endpoint `serve`; on writing,
-    it also publishes its first endpoint under `serving_default`, the
-    signature TF Serving calls by default.
+    A `ReformerCausalLM` also gets the signature `generate` (cached
+    decoding): int32 `token_ids` and `padding_mask` `(batch, width)` (each
+    row's prompt, right-padded, at least one token), scalars `max_length`
+    (total tokens per row, at least `width`), `top_k` (int, 0: no cut-off),
+    `temperature` (float, 0: greedy) and `seed` (int) -> `{"token_ids",
+    "padding_mask"}` `(batch, max_length)` int32. Sampling is reproducible
+    for a seed and keeps no state between calls.
+
+    `keras.export.ExportArchive` registers the endpoints; on writing, it
+    also publishes its first endpoint (`serve`) under `serving_default`,
+    the signature TF Serving calls by default.
 
     Args:
         model: a Keras model with dict inputs `token_ids` and `padding_mask`
@@ -46,6 +64,10 @@ def export_for_serving(model, path, verbose=False):
     >>> served.signatures["serving_default"](
     ...     token_ids=tf.constant([[104, 105]]))["logits"].shape
     TensorShape([1, 2, 256])
+    >>> served.signatures["generate"](
+    ...     token_ids=tf.constant([[104, 105]]), padding_mask=tf.constant(
+    ...     [[1, 1]]), max_length=tf.constant(40), top_k=tf.constant(10),
+    ...     temperature=tf.constant(1.0), seed=tf.constant(7))["token_ids"]
     """
     path = _check_destination(path, is_directory=True)
     archive = keras.export.ExportArchive()
@@ -61,6 +83,9 @@ def export_for_serving(model, path, verbose=False):
         SERVING_ENDPOINT, serve,
         input_signature=[tf.TensorSpec((None, None), tf.int32,
                                        name="token_ids")])
+    if hasattr(model, "generate_step"):
+        archive.add_endpoint(GENERATE_ENDPOINT, _generate_function(model),
+                             input_signature=GENERATE_SIGNATURE)
     temporary = tempfile.mkdtemp(
         prefix=f".{os.path.basename(path)}.partial-",
         dir=os.path.dirname(path))
@@ -72,6 +97,59 @@ def export_for_serving(model, path, verbose=False):
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return path
+
+
+def _generate_function(lm):
+    """The `generate` signature of a causal LM: cached decoding, greedy
+    (`temperature` 0) or sampled from the `top_k` most likely tokens (0:
+    all) at `temperature`, reproducibly for a given `seed`.
+
+    Sampling draws `argmax(logits / temperature + Gumbel noise)` (the
+    Gumbel-max trick: a sample of `softmax(logits / temperature)`) with
+    keras-hub's greedy sampler, the noise from stateless random numbers of
+    `(seed, position)`, so the signature keeps no state and concurrent calls
+    do not interfere.
+    """
+    greedy = keras_hub.samplers.GreedySampler()
+
+    def generate(token_ids, padding_mask, max_length, top_k, temperature,
+                 seed):
+        prompt_length = tf.shape(token_ids)[1]
+        checks = [
+            tf.debugging.assert_greater_equal(
+                max_length, prompt_length,
+                message="max_length must be at least the prompt width"),
+            tf.debugging.assert_less_equal(
+                max_length, lm.backbone.max_length,
+                message=f"max_length must be at most the "
+                        f"{lm.backbone.max_length} positions of the model"),
+            tf.debugging.assert_positive(
+                tf.reduce_sum(padding_mask, axis=1),
+                message="every prompt needs at least one token"),
+        ]
+        with tf.control_dependencies(checks):
+            extra = [[0, 0], [0, max_length - prompt_length]]
+            inputs = {"token_ids": tf.pad(token_ids, extra),
+                      "padding_mask": tf.pad(padding_mask, extra)}
+
+        def sample(logits, index):
+            vocabulary = tf.shape(logits)[-1]
+            k = tf.where(top_k > 0, tf.minimum(top_k, vocabulary), vocabulary)
+            kth_best = tf.math.top_k(logits, k).values[:, -1:]
+            kept = tf.where(logits >= kth_best, logits, -1e9)
+            uniform = tf.random.stateless_uniform(
+                tf.shape(logits), tf.stack([seed, index]), minval=1e-20,
+                maxval=1.0)
+            noisy = kept / tf.maximum(temperature, 1e-6) - tf.math.log(
+                -tf.math.log(uniform))
+            return tf.where(temperature > 0, noisy, logits)
+
+        outputs = lm.generate_step(inputs, sampler=greedy,
+                                   process_logits=sample)
+        return {"token_ids": outputs["token_ids"],
+                "padding_mask": tf.cast(outputs["padding_mask"], tf.int32)}
+
+    return generate
 
 
 def save_keras_model(model, path):

@@ -16,6 +16,7 @@ inside tf.data and yields `({"token_ids", "padding_mask"}, next_bytes)`.
 import os
 import sysconfig
 
+import keras
 import keras_hub
 import tensorflow as tf
 
@@ -206,6 +207,29 @@ def byte_tokenizer():
     `language_model_dataset` are all full length, so no padding occurs.
     """
     return keras_hub.tokenizers.ByteTokenizer(lowercase=False)
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ByteLevelTokenizer(keras_hub.tokenizers.ByteTokenizer):
+    """`ByteTokenizer` with the special-token ids keras-hub's
+    `CausalLMPreprocessor` reads: no start or end token, 0 pads."""
+
+    start_token_id = None
+    end_token_id = None
+    pad_token_id = 0
+
+
+def byte_preprocessor(sequence_length=1024):
+    """A keras-hub `CausalLMPreprocessor` over bytes, for
+    `ReformerCausalLM(..., preprocessor=byte_preprocessor())`: strings in
+    and out of `generate()`.
+
+    Example:
+    >>> byte_preprocessor(8).generate_preprocess(["hi"])["token_ids"]
+    """
+    return keras_hub.models.CausalLMPreprocessor(
+        ByteLevelTokenizer(lowercase=False), sequence_length=sequence_length,
+        add_start_token=False, add_end_token=False)
 
 
 def detokenize(token_ids):

@@ -59,6 +59,21 @@ for key in sorted(inputs.files):
     assert sorted(result) == ["logits"], sorted(result)
     outputs[key] = result["logits"].numpy()
 np.savez(io_dir + "/outputs.npz", **outputs)
+generate = tf.saved_model.load(export_dir).signatures["generate"]
+prompts = np.load(io_dir + "/prompts.npz")
+generated = {}
+for name, (max_length, top_k, temperature, seed) in [
+        ("greedy", (12, 0, 0.0, 0)), ("top_1", (12, 1, 1.0, 3)),
+        ("top_5", (12, 5, 1.0, 3)), ("top_5_again", (12, 5, 1.0, 3)),
+        ("top_5_seed_4", (12, 5, 1.0, 4))]:
+    result = generate(
+        token_ids=tf.constant(prompts["token_ids"]),
+        padding_mask=tf.constant(prompts["padding_mask"]),
+        max_length=tf.constant(max_length), top_k=tf.constant(top_k),
+        temperature=tf.constant(temperature), seed=tf.constant(seed))
+    assert sorted(result) == ["padding_mask", "token_ids"], sorted(result)
+    generated[name] = result["token_ids"].numpy()
+np.savez(io_dir + "/generated.npz", **generated)
 loaded = [m for m in sys.modules
           if m == "keras_reformer" or m.startswith("keras_reformer.")]
 if loaded:
@@ -117,11 +132,16 @@ def test_signature_is_dynamic_int32_token_ids_to_logits(exported):
         None, None, VOCABULARY]
 
 
+PROMPTS = {"token_ids": np.array([[5, 6, 7, 0], [8, 9, 10, 11]], "int32"),
+           "padding_mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], "int32")}
+
+
 def test_served_without_keras_reformer_matches_python(exported, tmp_path):
     model, path = exported
     inputs = {"small": random_ids(2, 17, seed=0),
               "large": random_ids(3, MAX_LENGTH, seed=1)}
     np.savez(tmp_path / "inputs.npz", **inputs)
+    np.savez(tmp_path / "prompts.npz", **PROMPTS)
     run = subprocess.run(
         [sys.executable, "-I", "-c", CHILD, path, str(tmp_path)],
         cwd=tmp_path, env=child_env(), capture_output=True, text=True,
@@ -135,6 +155,44 @@ def test_served_without_keras_reformer_matches_python(exported, tmp_path):
         np.testing.assert_allclose(outputs[key], expected, atol=1e-4)
     # Different inputs give different logits (the check is not vacuous).
     assert np.abs(outputs["large"][:2, :17] - outputs["small"]).max() > 1e-2
+    check_served_generation(model, np.load(tmp_path / "generated.npz"))
+
+
+def check_served_generation(model, generated):
+    """The `generate` signature: greedy as Python's greedy `generate()`,
+    top-1 sampling greedy too, top-5 sampling reproducible per seed and
+    always among the 5 best tokens of the cached logits."""
+    model.compile(sampler="greedy")
+    greedy = model.generate(PROMPTS, max_length=12)["token_ids"]
+    np.testing.assert_array_equal(generated["greedy"], greedy)
+    np.testing.assert_array_equal(generated["top_1"], greedy)
+    np.testing.assert_array_equal(generated["top_5"],
+                                  generated["top_5_again"])
+    assert (generated["top_5"] != generated["top_5_seed_4"]).any()
+    sampled = generated["top_5"]
+    np.testing.assert_array_equal(sampled[:, :3], PROMPTS["token_ids"][:, :3])
+    _, cache = model.build_cache(sampled, 2)
+    for t in range(2, 11):
+        logits, _, cache = model.call_with_cache(sampled[:, t:t + 1], cache, t)
+        best_5 = np.argsort(keras.ops.convert_to_numpy(logits)[:, 0])[:, -5:]
+        for row in range(2):
+            if t + 1 >= 4 or not PROMPTS["padding_mask"][row, t + 1]:
+                assert sampled[row, t + 1] in best_5[row]
+
+
+def test_generate_signature_rejects_bad_requests(exported):
+    _, path = exported
+    generate = tf.saved_model.load(path).signatures["generate"]
+    settings = dict(top_k=tf.constant(0), temperature=tf.constant(0.0),
+                    seed=tf.constant(0))
+    for mask, max_length, message in [
+            ([[0, 0]], 4, "at least one token"),
+            ([[1, 1]], 1, "at least the prompt width"),
+            ([[1, 1]], MAX_LENGTH + 1, "at most the 64 positions")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            generate(token_ids=tf.constant([[1, 2]]),
+                     padding_mask=tf.constant(mask),
+                     max_length=tf.constant(max_length), **settings)
 
 
 def test_saved_model_cli_runs_the_serving_signature(exported):

@@ -63,16 +63,20 @@ def banded_full_attention(layer, x, chunk, before, after, causal):
                      np.einsum("bnqk,bnkd->bnqd", weights, v), wo)
 
 
-@pytest.mark.parametrize("causal,before,after", [
-    (True, 1, 0), (False, 1, 1), (False, 2, 0), (True, 0, 0)])
-def test_local_attention_equals_banded_attention(causal, before, after):
-    local = LocalSelfAttention(2, 8, chunk_length=8, causal=causal,
+# The last two: fewer chunks (3) than the window, where rolled neighbours
+# wrap around and repeat; each key must still count once.
+@pytest.mark.parametrize("causal,before,after,chunk", [
+    (True, 1, 0, 8), (False, 1, 1, 8), (False, 2, 0, 8), (True, 0, 0, 8),
+    (True, 3, 0, 16), (False, 2, 2, 16)])
+def test_local_attention_equals_banded_attention(causal, before, after,
+                                                 chunk):
+    local = LocalSelfAttention(2, 8, chunk_length=chunk, causal=causal,
                                num_chunks_before=before,
                                num_chunks_after=after)
     local.build((BATCH, LENGTH, HIDDEN))
     x = inputs()
-    assert_close(local(x), banded_full_attention(local, x, 8, before, after,
-                                                 causal), atol=2e-5)
+    assert_close(local(x), banded_full_attention(
+        local, x, chunk, before, after, causal), atol=2e-5)
 
 
 def test_local_causal_never_reads_the_future_and_ignores_padding():

@@ -142,6 +142,28 @@ def test_padded_tokens_change_nothing(causal):
         assert np.all(np.isfinite(a))
 
 
+@pytest.mark.parametrize("causal,before,after,num_hashes", [
+    (True, 1, 0, 3), (True, 2, 0, 1), (False, 1, 1, 2), (False, 0, 2, 3)])
+def test_outputs_do_not_depend_on_the_amount_of_padding(causal, before, after,
+                                                        num_hashes):
+    # 21 real tokens in chunks of 4: the padded rows hold whole chunks of
+    # padding, which must not enter the ring of chunks (nor change the
+    # real tokens' neighbours) in any round.
+    layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=num_hashes,
+                             num_buckets=4, causal=causal,
+                             num_chunks_before=before, num_chunks_after=after,
+                             seed=3)
+    real = np.random.RandomState(4).randn(1, 21, HIDDEN).astype("float32")
+    alone = to_numpy(layer(real))[0]
+    for left, right in [(0, 19), (13, 0), (9, 30)]:
+        x = np.zeros((1, left + 21 + right, HIDDEN), "float32")
+        x[:, left:left + 21] = real
+        mask = np.zeros(x.shape[:2], "int32")
+        mask[:, left:left + 21] = 1
+        padded = to_numpy(layer(x, padding_mask=mask))[0]
+        assert_close(padded[left:left + 21], alone, atol=1e-5)
+
+
 def test_gradients_finite_with_left_padding_and_causal_mask():
     layer = many_chunk_layer(dropout=0.1)
     x, mask = inputs(), padding_mask()

@@ -31,9 +31,9 @@ def batch(size=4, length=LENGTH, seed=0):
              "padding_mask": np.ones((size, length), "int32")}, ids[:, 1:])
 
 
-def compiled_lm(jit_compile, **kwargs):
+def compiled_lm(jit_compile, optimizer=None, **kwargs):
     lm = ReformerCausalLM(backbone(**kwargs))
-    lm.compile(optimizer=keras.optimizers.Adam(1e-2),
+    lm.compile(optimizer=optimizer or keras.optimizers.Adam(1e-2),
                loss=keras.losses.SparseCategoricalCrossentropy(
                    from_logits=True),
                jit_compile=jit_compile)
@@ -81,10 +81,13 @@ def test_fit_on_tf_data_learns_a_repeating_sequence():
                                              ("local", "lsh")])
 def test_jit_compile_gives_the_same_numbers(attention_types):
     """Same predictions, losses and trained weights with and without XLA
-    (LSH rotations are drawn alike in both modes)."""
+    (LSH rotations are drawn alike in both modes). Plain SGD: Adam would
+    magnify float rounding in near-zero gradients (measured: gradients
+    agree to 1e-7, Adam-trained weights only to 5e-4)."""
     x, y = batch(8)
-    eager = compiled_lm(False, attention_types=attention_types)
-    xla = compiled_lm(True, attention_types=attention_types)
+    eager, xla = [compiled_lm(jit, keras.optimizers.SGD(0.5),
+                              attention_types=attention_types)
+                  for jit in (False, True)]
     xla.set_weights(eager.get_weights())
     assert_close(xla.predict(x, verbose=0), eager.predict(x, verbose=0),
                  atol=1e-4)
@@ -92,7 +95,7 @@ def test_jit_compile_gives_the_same_numbers(attention_types):
                     verbose=0).history["loss"] for m in (eager, xla)]
     assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
     for a, b in zip(xla.get_weights(), eager.get_weights()):
-        assert_close(a, b, atol=1e-4)
+        assert_close(a, b, atol=1e-5)
 
 
 def test_lm_keras_file_round_trip(tmp_path):

@@ -72,18 +72,18 @@ class AxialPositionEmbedding(keras.layers.Layer):
                 f"positions of axial_shape={self.axial_shape}; use an "
                 "axial_shape whose product covers the length.")
 
-    def call(self, inputs):
+    def call(self, inputs, start_index=0):
+        """Embeddings of positions `start_index ... start_index + length - 1`
+        (a later start serves cached generation), broadcast to `inputs`."""
         length = ops.shape(inputs)[1]
         self._check_length(length)
-        rows, columns = self.axial_shape
-        grid = ops.concatenate([
-            ops.broadcast_to(self.row_embeddings[:, None, :],
-                             (rows, columns, self.axial_dims[0])),
-            ops.broadcast_to(self.column_embeddings[None, :, :],
-                             (rows, columns, self.axial_dims[1])),
+        positions = start_index + ops.arange(length, dtype="int32")
+        columns = self.axial_shape[1]
+        embeddings = ops.concatenate([
+            ops.take(self.row_embeddings, positions // columns, axis=0),
+            ops.take(self.column_embeddings, positions % columns, axis=0),
         ], axis=-1)
-        positions = ops.reshape(grid, (rows * columns, sum(self.axial_dims)))
-        embeddings = ops.cast(positions[:length], self.compute_dtype)
+        embeddings = ops.cast(embeddings, self.compute_dtype)
         return ops.broadcast_to(embeddings[None], ops.shape(inputs))
 
     def compute_output_shape(self, input_shape):

@@ -36,9 +36,11 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
         key_valid: `(..., keys)` bool, False for padded keys.
         causal: bool, mask keys after the query.
         mask_self: bool, give a token's own key the self-mask score.
-        window: None, or `(chunk_length, chunks_before, chunks_after)`: mask
-            keys whose position-chunk is not within that many chunks of the
-            query's (local attention without wrap-around).
+        window: None, or `(chunk_length, key_offsets)`: mask keys whose
+            position-chunk is not the query's plus the key slot's offset
+            `key_offsets` `(keys,)` (local attention: a neighbour that
+            wrapped around, or repeats because there are few chunks, is
+            masked).
 
     Returns:
         Scores of the same shape with masked entries replaced.
@@ -50,10 +52,9 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
     if causal:
         allowed = ops.logical_and(allowed, query_positions >= key_positions)
     if window is not None:
-        chunk_length, before, after = window
+        chunk_length, key_offsets = window
         offset = key_positions // chunk_length - query_positions // chunk_length
-        allowed = ops.logical_and(
-            allowed, ops.logical_and(offset >= -before, offset <= after))
+        allowed = ops.logical_and(allowed, ops.equal(offset, key_offsets))
     scores = ops.where(allowed, scores, ops.cast(mask_value, scores.dtype))
     if mask_self:
         scores = ops.where(
@@ -99,30 +100,56 @@ def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
     return outputs, ops.squeeze(logsumexp, -1)
 
 
-def look_adjacent(chunks, num_chunks_before, num_chunks_after, axis):
-    """Concatenates each chunk with its neighbours (wrapping around).
+def look_adjacent(chunks, num_chunks_before, num_chunks_after,
+                  ring_chunks=None):
+    """Concatenates each chunk with its neighbours on a ring of chunks.
 
     Args:
-        chunks: tensor with a chunk axis `axis` followed by the within-chunk
-            axis.
+        chunks: `(batch, heads, num_chunks, chunk_length, ...)`.
         num_chunks_before: how many preceding chunks to prepend.
         num_chunks_after: how many following chunks to append.
-        axis: the chunk axis (negative).
+        ring_chunks: None (all chunks form the ring: the first chunk's
+            predecessor is the last), or `(batch,)` ints: the first
+            `ring_chunks[b]` chunks of row `b` form its ring and the others
+            hold only padding (their own neighbours are never used).
 
     Returns:
-        Tensor whose within-chunk axis is
-        `(1 + num_chunks_before + num_chunks_after)` times longer, ordered
-        earliest chunk first.
+        `(batch, heads, num_chunks, (1 + before + after) * chunk_length,
+        ...)`, the earliest neighbour first.
     """
-    shifts = list(range(num_chunks_before, 0, -1)) + [0]
-    shifts += list(range(-1, -num_chunks_after - 1, -1))
-    parts = [chunks if s == 0 else ops.roll(chunks, s, axis=axis) for s in shifts]
-    return ops.concatenate(parts, axis=axis + 1)
+    parts = [_neighbours(chunks, offset, ring_chunks)
+             for offset in range(-num_chunks_before, num_chunks_after + 1)]
+    return ops.concatenate(parts, axis=3)
+
+
+def _neighbours(chunks, offset, ring_chunks):
+    """Chunk `u + offset` (modulo the ring) for every chunk `u`."""
+    if offset == 0:
+        return chunks
+    shifted = ops.roll(chunks, -offset, axis=2)
+    if ring_chunks is None:
+        return shifted
+    # The roll is right except where the step crosses the ring's end.
+    ring = ops.maximum(ops.cast(ring_chunks, "int32"), 1)
+    trailing = (1,) * (len(chunks.shape) - 3)
+    chunk_index = ops.reshape(ops.arange(ops.shape(chunks)[2], dtype="int32"),
+                              (1, 1, -1) + trailing)
+    for k in range(abs(offset)):
+        if offset < 0:
+            crossing, source = k, (k + offset) % ring
+        else:
+            crossing, source = ring - offset + k, k % ring
+        source_chunk = ops.take_along_axis(
+            chunks, ops.reshape(source, (-1, 1, 1) + trailing), axis=2)
+        crossing = ops.reshape(crossing * ops.ones_like(ring),
+                               (-1, 1, 1) + trailing)
+        shifted = ops.where(chunk_index == crossing, source_chunk, shifted)
+    return shifted
 
 
 def chunked_attention(queries, keys, values, positions, valid, chunk_length,
                       num_chunks_before, num_chunks_after, causal, mask_self,
-                      dropout_fn=None, wrap_around=True):
+                      dropout_fn=None, wrap_around=True, ring_chunks=None):
     """Attention within chunks of a sequence and their neighbours.
 
     The sequence axis (of length `T`, a multiple of `chunk_length`) is cut into
@@ -141,6 +168,9 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
         wrap_around: bool; the first chunk's preceding chunk is the last one
             (LSH: the sorted sequence is cyclic). False masks such keys
             (local attention: neighbours are neighbours in position).
+        ring_chunks: with `wrap_around`, None or `(batch,)` ints: the ring
+            closes after this many chunks, the rest hold only padding (see
+            `look_adjacent`).
 
     Returns:
         `(outputs, logsumexp)` of shapes `(batch, heads, T, head_dim)` and
@@ -154,15 +184,17 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
             x, (batch, heads, num_chunks, chunk_length) + tuple(ops.shape(x)[3:])
         )
 
-    def adjacent(x, axis):
-        return look_adjacent(split(x), num_chunks_before, num_chunks_after, axis)
+    def adjacent(x):
+        return look_adjacent(split(x), num_chunks_before, num_chunks_after,
+                             ring_chunks)
 
     query_positions = split(positions)
-    key_positions = adjacent(positions, -2)
-    key_valid = adjacent(valid, -2)
+    key_positions = adjacent(positions)
+    key_valid = adjacent(valid)
 
-    window = None if wrap_around else (
-        chunk_length, num_chunks_before, num_chunks_after)
+    window = None if wrap_around else (chunk_length, ops.repeat(
+        ops.arange(-num_chunks_before, num_chunks_after + 1, dtype="int32"),
+        chunk_length))
 
     def mask_fn(scores):
         return masked_scores(
@@ -170,7 +202,7 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
             mask_self, window)
 
     outputs, logsumexp = attend(
-        split(queries), adjacent(keys, -3), adjacent(values, -3), mask_fn,
+        split(queries), adjacent(keys), adjacent(values), mask_fn,
         dropout_fn,
     )
     outputs = ops.reshape(outputs, (batch, heads, length, head_dim))

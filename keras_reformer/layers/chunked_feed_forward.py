@@ -141,6 +141,19 @@ class ChunkedFeedForward(keras.layers.Layer):
         (outputs,) = run(padded, seed, *weights)
         return outputs[:, :length]
 
+    def call_with_cache(self, inputs, cache, index):
+        """Generation's interface (see `SelfAttentionBase.call_with_cache`).
+
+        Position-wise, so nothing is cached: returns `(outputs, cache)`,
+        `{}` for the cache of a prefill. A single new position skips the
+        chunking (which would pad it to a whole chunk).
+        """
+        if cache is None:
+            return self(inputs), {}
+        weights = [self.intermediate_kernel, self.intermediate_bias,
+                   self.output_kernel, self.output_bias]
+        return self.feed_forward(inputs, weights), cache
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

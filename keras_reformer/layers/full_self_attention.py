@@ -5,14 +5,11 @@ from keras import ops
 
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import masked_scores
-from keras_reformer.layers.self_attention_base import SelfAttentionBase
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
-from keras_reformer.layers.self_attention_base import shared_qk_keys
-from keras_reformer.layers.seeds import draw_seed
+from keras_reformer.layers.key_value_attention import KeyValueAttention
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class FullSelfAttention(SelfAttentionBase):
+class FullSelfAttention(KeyValueAttention):
     """Exact multi-head self-attention, quadratic in the length.
 
     The reference the efficient attentions are compared with. With
@@ -43,28 +40,22 @@ class FullSelfAttention(SelfAttentionBase):
                          seed=seed, **kwargs)
         self.causal = causal
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
-        batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        if self.shared_qk:
-            queries = self.project(inputs, self.query_key_kernel)
-            keys = shared_qk_keys(queries)
-        else:
-            queries = self.project(inputs, self.query_kernel)
-            keys = self.project(inputs, self.key_kernel) / (self.head_dim**0.5)
-        values = self.project(inputs, self.value_kernel)
-        positions = ops.arange(length, dtype="int32")
-        valid = padding_mask_or_ones(padding_mask, inputs)
-        key_valid = valid[:, None, :]
+    def _decode_positions(self, index, capacity):
+        """Every cached position (later ones are masked)."""
+        return ops.arange(capacity, dtype="int32")
+
+    def _attend(self, inputs, valid, dropout_fn):
+        """Outputs `(batch, length, hidden)` and the projections."""
+        projections = self.project_all(inputs)
+        positions = ops.arange(ops.shape(inputs)[1], dtype="int32")
 
         def mask_fn(scores):
-            return masked_scores(scores, positions, positions, key_valid,
-                                 self.causal, mask_self=self.shared_qk)
+            return masked_scores(scores, positions, positions,
+                                 valid[:, None, :], self.causal,
+                                 mask_self=self.shared_qk)
 
-        if training:
-            seed = draw_seed(seed, self.seed_generator)
-        outputs, _ = attend(queries, keys, values, mask_fn,
-                            self.dropout_fn(training, seed))
-        return self.merge_heads(outputs, valid)
+        outputs, _ = attend(*projections, mask_fn, dropout_fn)
+        return self.merge_heads(outputs, valid), projections
 
     def get_config(self):
         config = super().get_config()

@@ -4,16 +4,14 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.chunked_attention import chunked_attention
-from keras_reformer.layers.self_attention_base import SelfAttentionBase
+from keras_reformer.layers.key_value_attention import KeyValueAttention
 from keras_reformer.layers.self_attention_base import pad_to_multiple
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
-from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class LocalSelfAttention(SelfAttentionBase):
+class LocalSelfAttention(KeyValueAttention):
     """Attention within chunks of consecutive positions and their neighbours.
 
     The sequence is cut into chunks of `chunk_length`; a query attends to the
@@ -54,26 +52,29 @@ class LocalSelfAttention(SelfAttentionBase):
         self.num_chunks_after = num_chunks_after
         self.causal = causal
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
+    def _decode_positions(self, index, capacity):
+        """The new position's chunk and the `num_chunks_before` before it."""
+        window = (1 + self.num_chunks_before) * self.chunk_length
+        first = (index // self.chunk_length - self.num_chunks_before) * (
+            self.chunk_length)
+        return first + ops.arange(window, dtype="int32")
+
+    def _attend(self, inputs, valid, dropout_fn):
+        """Outputs `(batch, length, hidden)` and the projections of the
+        inputs padded to a multiple of `chunk_length`."""
         batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        valid = padding_mask_or_ones(padding_mask, inputs)
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
         padded_length = ops.shape(inputs)[1]
-        queries = self.project(inputs, self.query_kernel)
-        keys = self.project(inputs, self.key_kernel) / (self.head_dim**0.5)
-        values = self.project(inputs, self.value_kernel)
+        projections = self.project_all(inputs)
         shape = (batch, self.num_heads, padded_length)
         positions = ops.broadcast_to(
             ops.arange(padded_length, dtype="int32"), shape)
         key_valid = ops.broadcast_to(valid[:, None, :], shape)
-        if training:
-            seed = draw_seed(seed, self.seed_generator)
         outputs, _ = chunked_attention(
-            queries, keys, values, positions, key_valid, self.chunk_length,
+            *projections, positions, key_valid, self.chunk_length,
             self.num_chunks_before, self.num_chunks_after, self.causal,
-            mask_self=False, dropout_fn=self.dropout_fn(training, seed),
-            wrap_around=False)
-        return self.merge_heads(outputs, valid)[:, :length]
+            mask_self=False, dropout_fn=dropout_fn, wrap_around=False)
+        return self.merge_heads(outputs, valid)[:, :length], projections
 
     def get_config(self):
         config = super().get_config()

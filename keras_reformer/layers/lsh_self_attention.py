@@ -4,10 +4,13 @@ import keras
 from keras import ops
 
 from keras_reformer.layers import hashing
+from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import chunked_attention
+from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.self_attention_base import padding_mask_or_ones
+from keras_reformer.layers.self_attention_base import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
@@ -113,14 +116,105 @@ class LSHSelfAttention(SelfAttentionBase):
                 self._rotations_shape(), fold_seed(seed, 0))
         else:
             rotations = self.rotations
-        outputs = self._attend_by_buckets(
+        outputs, _, _ = self._attend_by_buckets(
             query_key, values, valid, rotations,
             self.dropout_fn(training, fold_seed(seed, 1) if training else None),
         )
         return self.merge_heads(outputs, valid)[:, :length]
 
+    def prefill(self, inputs, prefix_length):
+        """See `call_with_cache`. The cache holds the keys, the values, the
+        bucket of every position and each round's positions in sorted
+        order (the rotations are the fixed inference ones)."""
+        length = ops.shape(inputs)[1]
+        inputs, valid = pad_to_multiple(
+            inputs, prefix_mask(inputs, prefix_length), self.chunk_length)
+        query_key = self.project(inputs, self.query_key_kernel)
+        values = self.project(inputs, self.value_kernel)
+        outputs, buckets, order = self._attend_by_buckets(
+            query_key, values, valid, self.rotations, None)
+        cache = {"keys": shared_qk_keys(query_key), "values": values,
+                 "buckets": buckets, "order": order}
+        return self.merge_heads(outputs, valid)[:, :length], cache
+
+    def decode_step(self, inputs, cache, index):
+        """See `call_with_cache`.
+
+        The new token is hashed, inserted into every round's sorted order
+        after the cached tokens of lower or equal bucket, and attends to the
+        chunks around its place exactly as the whole sequence's sorted,
+        chunked attention would.
+        """
+        query_key = self.project(inputs, self.query_key_kernel)
+        keys = ops.slice_update(cache["keys"], [0, 0, index, 0],
+                                shared_qk_keys(query_key))
+        values = ops.slice_update(cache["values"], [0, 0, index, 0],
+                                  self.project(inputs, self.value_kernel))
+        bucket = hashing.hash_vectors(query_key, self.rotations,
+                                      self.resolved_num_buckets)
+        capacity = ops.shape(keys)[2]
+        slots = ops.arange(capacity, dtype="int32")
+        earlier = ops.logical_and(slots < index, cache["buckets"] <= bucket)
+        rank = ops.sum(ops.cast(earlier, "int32"), axis=-1, keepdims=True)
+        buckets = ops.slice_update(cache["buckets"], [0, 0, 0, index], bucket)
+        order = ops.where(
+            slots < rank, cache["order"],
+            ops.where(slots == rank, index, ops.roll(cache["order"], 1, -1)))
+        key_slots = self._window_slots(rank[..., 0], index, capacity)
+        batch, heads = ops.shape(keys)[0], ops.shape(keys)[1]
+        shape = (batch, heads, self.num_hashes, -1)
+        key_positions = ops.reshape(ops.take_along_axis(
+            ops.reshape(order, (batch, heads, -1)),
+            ops.reshape(key_slots, (batch, heads, -1)), axis=2), shape)
+        # Slots after the new token's hold no token yet.
+        key_valid = ops.reshape(key_slots % capacity <= index, shape)
+
+        def gather(x):
+            flat = ops.reshape(key_positions, (batch, heads, -1))[..., None]
+            return ops.reshape(ops.take_along_axis(x, flat, axis=2),
+                               shape + (self.head_dim,))
+
+        def mask_fn(scores):
+            return masked_scores(
+                scores, ops.reshape(index, (1,)),
+                ops.where(key_valid, key_positions, -1), key_valid,
+                causal=True, mask_self=True)
+
+        outputs, logsumexp = attend(
+            ops.broadcast_to(query_key[:, :, None], (
+                batch, heads, self.num_hashes, 1, self.head_dim)),
+            gather(keys), gather(values), mask_fn)
+        outputs = _combine_rounds(outputs, logsumexp)
+        valid = ops.ones(ops.shape(inputs)[:2], "bool")
+        return self.merge_heads(outputs, valid), {
+            "keys": keys, "values": values, "buckets": buckets,
+            "order": order}
+
+    def _window_slots(self, rank, index, capacity):
+        """Flat slots `round * capacity + slot` of the keys the token at
+        `index` sees in each round, given its `rank` there `(batch, heads,
+        num_hashes)`: its chunk and the `num_chunks_before` before it on the
+        ring of the `index + 1` tokens' chunks (see `_RealChunksFirst`)."""
+        chunk = self.chunk_length
+        real_chunks = index // chunk + 1
+        ring_position = (ops.arange(self.num_hashes, dtype="int32")[:, None]
+                         * real_chunks + rank[..., None] // chunk)
+        offsets = ops.arange(-self.num_chunks_before, 1, dtype="int32")
+        neighbour = (ring_position + offsets) % (self.num_hashes * real_chunks)
+        rounds, within = neighbour // real_chunks, neighbour % real_chunks
+        return ((rounds * capacity + within * chunk)[..., None]
+                + ops.arange(chunk, dtype="int32"))
+
     def _attend_by_buckets(self, query_key, values, valid, rotations,
                            dropout_fn):
+        """Attention of every round; returns outputs, buckets and orders.
+
+        Returns:
+            `(outputs, buckets, sorted_positions)`: `(batch, heads, length,
+            head_dim)`, and the bucket of each position and the positions in
+            sorted order per round, both `(batch, heads, num_hashes,
+            length)`.
+        """
         batch, heads, length, head_dim = ops.shape(query_key)
         num_hashes = self.num_hashes
         # Bucket ids per round; padding gets a bucket of its own (the last).
@@ -133,8 +227,14 @@ class LSHSelfAttention(SelfAttentionBase):
         positions = ops.arange(length, dtype="int32")
         sort_keys = buckets * length + positions
         sorted_positions = ops.cast(ops.argsort(sort_keys, axis=-1), "int32")
-        flat_positions = ops.reshape(
-            sorted_positions, (batch, heads, num_hashes * length))
+        # Real tokens sort first in every round; lay the rounds' chunks that
+        # hold real tokens out first, so padding never enters the ring.
+        layout = _RealChunksFirst(
+            ops.sum(ops.cast(valid[:, 0], "int32"), axis=-1), num_hashes,
+            length, self.chunk_length)
+        flat_positions = ops.take_along_axis(
+            ops.reshape(sorted_positions, (batch, heads, num_hashes * length)),
+            layout.sources()[:, None, :], axis=2)
 
         def gather(x):
             return ops.take_along_axis(x, flat_positions[..., None], axis=2)
@@ -152,24 +252,20 @@ class LSHSelfAttention(SelfAttentionBase):
             self.causal,
             mask_self=True,
             dropout_fn=dropout_fn,
+            ring_chunks=layout.ring_chunks,
         )
         # Back to the original order, then combine the rounds.
-        undo = ops.argsort(sorted_positions, axis=-1)
-        outputs = ops.take_along_axis(
-            ops.reshape(outputs, (batch, heads, num_hashes, length, head_dim)),
-            undo[..., None], axis=3,
-        )
-        if num_hashes == 1:
-            return outputs[:, :, 0]
-        logsumexp = ops.take_along_axis(
-            ops.reshape(logsumexp, (batch, heads, num_hashes, length)),
-            undo, axis=3,
-        )
-        # softmax subtracts the maximum first: exact even when every round's
-        # logsumexp is near the -1e5 self-mask score.
-        round_weights = ops.softmax(logsumexp, axis=2)
-        return ops.sum(
-            outputs * ops.cast(round_weights, outputs.dtype)[..., None], axis=2)
+        slots = ops.cast(ops.argsort(sorted_positions, axis=-1), "int32")
+        undo = ops.reshape(layout.destinations(slots),
+                           (batch, heads, num_hashes * length))
+        outputs = ops.reshape(
+            ops.take_along_axis(outputs, undo[..., None], axis=2),
+            (batch, heads, num_hashes, length, head_dim))
+        logsumexp = ops.reshape(
+            ops.take_along_axis(logsumexp, undo, axis=2),
+            (batch, heads, num_hashes, length))
+        return (_combine_rounds(outputs, logsumexp), buckets,
+                sorted_positions)
 
     def get_config(self):
         config = super().get_config()
@@ -199,3 +295,70 @@ def _check_num_buckets(num_buckets):
             f"num_buckets={num_buckets!r}."
         )
     return num_buckets if isinstance(num_buckets, int) else tuple(factors)
+
+
+def _combine_rounds(outputs, logsumexp):
+    """Weights each round's outputs by the softmax of its logsumexp.
+
+    Args:
+        outputs: `(..., num_hashes, length, head_dim)`.
+        logsumexp: `(..., num_hashes, length)`, float32.
+
+    Returns:
+        `(..., length, head_dim)`.
+    """
+    if outputs.shape[-3] == 1:
+        return outputs[..., 0, :, :]
+    # softmax subtracts the maximum first: exact even when every round's
+    # logsumexp is near the -1e5 self-mask score.
+    weights = ops.softmax(logsumexp, axis=-2)
+    return ops.sum(outputs * ops.cast(weights, outputs.dtype)[..., None],
+                   axis=-3)
+
+
+class _RealChunksFirst:
+    """Where each round's sorted slots go in the flattened chunk sequence.
+
+    Every round sorts its `num_real` real tokens first and padding last. The
+    rounds are concatenated with the chunks holding real tokens first
+    (`ring_chunks = num_hashes * ceil(num_real / chunk_length)` of them,
+    round by round) and the padding-only chunks after them, so the cyclic
+    look-back ring of chunks is the same whatever the amount of padding.
+
+    Args:
+        num_real: `(batch,)` int, real tokens per row.
+        num_hashes: int, rounds.
+        length: int, slots per round (a multiple of `chunk_length`).
+        chunk_length: int.
+    """
+
+    def __init__(self, num_real, num_hashes, length, chunk_length):
+        real_chunks = (num_real + chunk_length - 1) // chunk_length
+        self.num_hashes = num_hashes
+        self.length = length
+        self.real_slots = (real_chunks * chunk_length)[:, None]
+        self.ring_chunks = num_hashes * real_chunks
+
+    def sources(self):
+        """`(batch, num_hashes * length)`: flat slot `round * length + slot`
+        that each position of the new sequence takes."""
+        real, length = self.real_slots, self.length
+        padding = length - real
+        index = ops.arange(self.num_hashes * length, dtype="int32")[None]
+        in_real = index < self.num_hashes * real
+        beyond = index - self.num_hashes * real
+        rounds = ops.where(in_real, index // ops.maximum(real, 1),
+                           beyond // ops.maximum(padding, 1))
+        slots = ops.where(in_real, index % ops.maximum(real, 1),
+                          real + beyond % ops.maximum(padding, 1))
+        return rounds * length + slots
+
+    def destinations(self, slots):
+        """Position in the new sequence of `slots` `(batch, heads,
+        num_hashes, n)` (slots within each round)."""
+        real = self.real_slots[:, None, None]
+        rounds = ops.arange(self.num_hashes, dtype="int32")[:, None]
+        return ops.where(
+            slots < real, rounds * real + slots,
+            self.num_hashes * real + rounds * (self.length - real)
+            + slots - real)

@@ -43,6 +43,16 @@ class PreNormBranch(keras.layers.Layer):
             kwargs["padding_mask"] = padding_mask
         return self.layer(self.norm(inputs), **kwargs)
 
+    def call_with_cache(self, inputs, cache, index):
+        """`layer.call_with_cache(LayerNorm(inputs), cache, index)`: cached
+        generation (see `SelfAttentionBase.call_with_cache`)."""
+        if not hasattr(self.layer, "call_with_cache"):
+            raise ValueError(
+                f"{type(self.layer).__name__} {self.layer.name!r} does not "
+                "support cached decoding (causal LSH, local and full "
+                "attention and the feed-forward do).")
+        return self.layer.call_with_cache(self.norm(inputs), cache, index)
+
     def compute_output_shape(self, input_shape):
         return input_shape
 

@@ -68,6 +68,26 @@ class ReversibleBlock(keras.layers.Layer):
                          seed=_branch_seed(seed, 1))
         return y1, y2
 
+    def call_with_cache(self, inputs, cache, index):
+        """The block for cached generation, with the branches'
+        `call_with_cache` (see `SelfAttentionBase.call_with_cache`).
+
+        Args:
+            inputs: `(batch, length, 2 * hidden)`.
+            cache: None (prefill) or `{"f": ..., "g": ...}`.
+            index: int scalar, the prefix length or the new position.
+
+        Returns:
+            `(outputs, cache)`.
+        """
+        x1, x2 = ops.split(inputs, 2, axis=-1)
+        cache = cache or {"f": None, "g": None}
+        f_out, f_cache = self.f.call_with_cache(x2, cache["f"], index)
+        y1 = x1 + f_out
+        g_out, g_cache = self.g.call_with_cache(y1, cache["g"], index)
+        outputs = ops.concatenate([y1, x2 + g_out], axis=-1)
+        return outputs, {"f": f_cache, "g": g_cache}
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
@@ -127,6 +147,17 @@ class ReversibleStack(keras.layers.Layer):
         return reversible_call(self.blocks, inputs, padding_mask, training,
                                draw_seed(seed, self.seed_generator)
                                if training else None)
+
+    def call_with_cache(self, inputs, cache, index):
+        """Every block's `call_with_cache` in turn; `cache` is None
+        (prefill) or the list of the blocks' caches."""
+        caches = cache or [None] * len(self.blocks)
+        new_caches = []
+        for block, block_cache in zip(self.blocks, caches):
+            inputs, block_cache = block.call_with_cache(
+                inputs, block_cache, index)
+            new_caches.append(block_cache)
+        return inputs, new_caches
 
     def block_seeds(self, seed):
         """The seed each block receives for a stack call with `seed`."""

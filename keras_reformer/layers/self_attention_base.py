@@ -83,6 +83,43 @@ class SelfAttentionBase(keras.layers.Layer):
         merged = ops.einsum("bnld,ndh->blh", outputs, self.output_kernel)
         return merged * ops.cast(valid, merged.dtype)[..., None]
 
+    def call_with_cache(self, inputs, cache, index):
+        """Causal attention for generation, one new position at a time.
+
+        With `cache=None` (prefill), `inputs` is `(batch, capacity, hidden)`
+        whose positions before `index` are the prefix: returns the prefix's
+        outputs (what `self(inputs[:, :index])` gives; zeros after it) and a
+        cache with room for `capacity` positions. With a cache, `inputs` is
+        the `(batch, 1, hidden)` input at position `index` (the next after
+        those already cached): returns its output, the same as the last
+        position of `self(all inputs up to index)`, and the updated cache.
+        Shapes stay static, so the decoding loop compiles.
+
+        Args:
+            inputs: see above.
+            cache: None, or the dict of tensors (batch first) returned by the
+                previous call.
+            index: int scalar (tensor).
+
+        Returns:
+            `(outputs, cache)`.
+
+        Example:
+        >>> layer = LocalSelfAttention(2, 8, chunk_length=4, causal=True)
+        >>> x = keras.random.normal((1, 12, 16))
+        >>> _, cache = layer.call_with_cache(x, None, 5)
+        >>> out, cache = layer.call_with_cache(x[:, 5:6], cache, 5)
+        >>> out.shape
+        (1, 1, 16)
+        """
+        if not getattr(self, "causal", False):
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} decodes with a cache "
+                "only when causal=True; it has causal=False.")
+        if cache is None:
+            return self.prefill(inputs, index)
+        return self.decode_step(inputs, cache, index)
+
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""
         if not training or self.dropout == 0.0:
@@ -125,6 +162,13 @@ def padding_mask_or_ones(padding_mask, inputs):
             f"padding_mask must have shape (batch, length) = {expected}, "
             f"matching the inputs; received shape {mask_shape}.")
     return ops.cast(padding_mask, "bool")
+
+
+def prefix_mask(inputs, prefix_length):
+    """`(batch, length)` bool, True at positions before `prefix_length`."""
+    positions = ops.arange(ops.shape(inputs)[1], dtype="int32")
+    return ops.broadcast_to(positions[None] < prefix_length,
+                            ops.shape(inputs)[:2])
 
 
 def pad_to_multiple(inputs, valid, multiple):

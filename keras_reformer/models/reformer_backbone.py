@@ -195,6 +195,37 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.seed = seed
 
+    def call_with_cache(self, token_ids, cache, index):
+        """Features for cached generation (causal backbones).
+
+        With `cache=None` (prefill), `token_ids` is the `(batch, capacity)`
+        buffer whose positions before `index` are the prefix; otherwise the
+        `(batch, 1)` token at position `index`, the next after the cached
+        ones. Token ids are checked as in `call`.
+
+        Args:
+            token_ids: int tensor, see above.
+            cache: None or the list of per-block caches.
+            index: int scalar, the prefix length or the new position.
+
+        Returns:
+            `(features, cache)`, features `(batch, length, 2 * hidden_dim)`.
+
+        Example:
+        >>> ids = keras.ops.ones((1, 16), "int32")
+        >>> _, cache = backbone.call_with_cache(ids, None, 4)
+        >>> x, cache = backbone.call_with_cache(ids[:, 4:5], cache, 4)
+        """
+        checked_ids, id_factor = self.get_layer("token_id_check")(token_ids)
+        x = self.get_layer("token_embedding")(checked_ids) * id_factor
+        first_position = 0 if cache is None else index
+        x = x + self.get_layer("position_embedding")(
+            x, start_index=first_position)
+        x = keras.ops.concatenate([x, x], axis=-1)
+        x, cache = self.get_layer("reversible_stack").call_with_cache(
+            x, cache, index)
+        return self.get_layer("final_norm")(x), cache
+
     @property
     def max_length(self):
         """The longest input the position embedding covers."""

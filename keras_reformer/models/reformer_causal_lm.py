@@ -1,6 +1,9 @@
-"""Causal language model on a `ReformerBackbone`."""
+"""Causal language model on a `ReformerBackbone`, with cached generation."""
 
 import keras
+import keras_hub
+import numpy as np
+from keras import ops
 
 from keras_reformer.models.reformer_task import ReformerTask
 
@@ -10,30 +13,291 @@ class ReformerCausalLM(ReformerTask):
     """Causal language model: backbone features -> next-token logits.
 
     Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
-    logits `(batch, length, vocabulary_size)`.
+    logits `(batch, length, vocabulary_size)`. `generate()` samples with a
+    keras-hub sampler (set by `compile(sampler=...)`, default top-k) and
+    decodes incrementally: each layer caches what later tokens need (keys,
+    values, and for LSH the buckets and sorted order of every round), so a
+    new token costs one position's work, not a pass over the sequence.
 
     Args:
         backbone: a causal `ReformerBackbone`.
+        preprocessor: optional `keras_hub.models.CausalLMPreprocessor`
+            (e.g. `keras_reformer.text_data.byte_preprocessor()`); lets
+            `generate()` take and return strings.
 
     Example:
     >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
-    ...     hidden_dim=32,
-    ...     num_heads=2, head_dim=16, intermediate_dim=64,
-    ...     axial_shape=(8, 16), chunk_length=16))
+    ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     axial_shape=(8, 16), chunk_length=16),
+    ...     preprocessor=byte_preprocessor())
     >>> lm.compile(optimizer="adam", loss=keras.losses.
-    ...     SparseCategoricalCrossentropy(from_logits=True))
+    ...     SparseCategoricalCrossentropy(from_logits=True), sampler="greedy")
+    >>> text = lm.generate("def ", max_length=32)
     """
 
-    def __init__(self, backbone, **kwargs):
+    def __init__(self, backbone, preprocessor=None, **kwargs):
         if not backbone.causal:
             raise ValueError(
-                "ReformerCausalLM needs a causal backbone; received a backbone with "
-                "causal=False.")
+                "ReformerCausalLM needs a causal backbone; received a "
+                "backbone with causal=False.")
         inputs = backbone.input
         logits = keras.layers.Dense(backbone.vocabulary_size, name="lm_head")(
             backbone(inputs))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.sampler = keras_hub.samplers.get("top_k")
+        self.generate_function = None
+
+    def compile(self, *args, sampler="top_k", **kwargs):
+        """`keras.Model.compile`, plus the keras-hub `sampler` (a name or a
+        `keras_hub.samplers.Sampler`) that `generate()` uses."""
+        super().compile(*args, **kwargs)
+        self.sampler = keras_hub.samplers.get(sampler)
+        self.generate_function = None
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None:
+            config["sampler"] = keras_hub.samplers.serialize(self.sampler)
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(dict(config))
+        sampler = keras_hub.samplers.deserialize(config.pop("sampler"))
+        self.compile(**config, sampler=sampler)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Logits of one new token from the cache (keras-hub's interface).
+
+        Args:
+            token_ids: `(batch, 1)` int, the token at `cache_update_index`.
+            cache: the cache from `build_cache` or the previous call.
+            cache_update_index: int scalar, its position.
+
+        Returns:
+            `(logits, hidden_states, cache)`: `(batch, 1, vocabulary)`,
+            `(batch, 1, 2 * hidden_dim)` and the updated cache.
+        """
+        features, cache = self.backbone.call_with_cache(
+            token_ids, cache, cache_update_index)
+        return self.get_layer("lm_head")(features), features, cache
+
+    def build_cache(self, token_ids, prefix_length):
+        """Runs the prefix `token_ids[:, :prefix_length]` of the `(batch,
+        capacity)` buffer and returns `(hidden_states, cache)` with room for
+        `capacity` positions."""
+        return self.backbone.call_with_cache(token_ids, None, prefix_length)
+
+    def generate_step(self, inputs, stop_token_ids=None, sampler=None,
+                      process_logits=None):
+        """Fills one batch's buffer after each prompt (compilable).
+
+        Args:
+            inputs: dict of `token_ids` and `padding_mask`, `(batch,
+                capacity)`: each row's prompt, right-padded.
+            stop_token_ids: None or a tuple of ids ending a row.
+            sampler: keras-hub sampler; default `self.sampler`.
+            process_logits: None or `f(logits, index) -> logits` applied to
+                each step's logits (used by the serving signature).
+
+        Returns:
+            dict of the filled `token_ids` and a `padding_mask` that is
+            False after a generated stop token.
+        """
+        token_ids = ops.convert_to_tensor(inputs["token_ids"], "int32")
+        prompt_mask = ops.cast(inputs["padding_mask"], "bool")
+        # Every row's prompt has at least one token (checked in generate);
+        # the cache holds the tokens before the first one to feed.
+        index = ops.maximum(
+            ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1)), 1)
+        hidden_states, cache = self.build_cache(token_ids, index - 1)
+
+        def next(prompt, cache, index):
+            batch = ops.shape(prompt)[0]
+            token = ops.slice(prompt, [0, index - 1], [batch, 1])
+            logits, hidden, cache = self.call_with_cache(
+                token, cache, index - 1)
+            logits = ops.cast(logits[:, 0], "float32")
+            if process_logits is not None:
+                logits = process_logits(logits, index)
+            return logits, hidden[:, 0], cache
+
+        token_ids = (sampler or self.sampler)(
+            next=next, prompt=token_ids, cache=cache, index=index,
+            mask=prompt_mask, stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states, model=self)
+        return {"token_ids": token_ids,
+                "padding_mask": _before_stop(token_ids, prompt_mask,
+                                             stop_token_ids)}
+
+    def make_generate_function(self):
+        """`generate_step` compiled with XLA (TensorFlow, JAX), or eager
+        when the model runs eagerly."""
+        if self.generate_function is not None:
+            return self.generate_function
+        backend = keras.backend.backend()
+        if self.run_eagerly or backend not in ("tensorflow", "jax"):
+            self.generate_function = self.generate_step
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            self.generate_function = tf.function(self.generate_step,
+                                                 jit_compile=True)
+        else:
+            self.generate_function = self._jax_generate_function()
+        return self.generate_function
+
+    def _jax_generate_function(self):
+        import jax
+
+        def stateless(inputs, stop_token_ids, state):
+            mapping = list(zip(self.sampler.variables, state[0])) + list(
+                zip(self.variables, state[1]))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                outputs = self.generate_step(inputs, stop_token_ids)
+            sampler_state = [scope.get_current_value(v) for v in
+                             self.sampler.variables]
+            return outputs, sampler_state
+
+        compiled = jax.jit(stateless, static_argnames=["stop_token_ids"])
+
+        def generate_function(inputs, stop_token_ids=None):
+            state = ([v.value for v in self.sampler.variables],
+                     [v.value for v in self.variables])
+            outputs, sampler_state = compiled(inputs, stop_token_ids, state)
+            for variable, value in zip(self.sampler.variables,
+                                       sampler_state):
+                variable.assign(value)  # the sampler's seed moves on
+            return outputs
+
+        return generate_function
+
+    def generate(self, inputs, max_length=None, stop_token_ids=None,
+                 strip_prompt=False):
+        """Continues each prompt up to `max_length` tokens.
+
+        Args:
+            inputs: a string or list of strings (needs a `preprocessor`), or
+                a dict of `token_ids` and `padding_mask` `(batch, length)`
+                (right-padded prompts; `max_length` pads the buffer
+                further).
+            max_length: int, total tokens per row (prompt included); default
+                the preprocessor's `sequence_length` or the buffer length.
+            stop_token_ids: None or a list of ids that end a row.
+            strip_prompt: bool, return only the generated part.
+
+        Returns:
+            Strings for string inputs; otherwise a dict of numpy `token_ids`
+            and `padding_mask` (False after a stop token, or for the prompt
+            with `strip_prompt`).
+        """
+        is_text = isinstance(inputs, str) or (
+            isinstance(inputs, (list, tuple)) and inputs
+            and all(isinstance(x, str) for x in inputs))
+        if is_text:
+            if self.preprocessor is None:
+                raise ValueError(
+                    "generate() received text but this ReformerCausalLM has "
+                    "no preprocessor; pass a dict of token_ids and "
+                    "padding_mask, or build the model with a preprocessor.")
+            batch = self.preprocessor.generate_preprocess(
+                [inputs] if isinstance(inputs, str) else list(inputs),
+                sequence_length=max_length)
+            batch = {k: ops.convert_to_numpy(v) for k, v in batch.items()}
+        else:
+            batch = self._padded_prompts(inputs, max_length)
+        self._check_prompts(batch)
+        stop = None if stop_token_ids is None else tuple(stop_token_ids)
+        outputs = self.make_generate_function()(
+            {k: ops.convert_to_tensor(v, "int32") for k, v in batch.items()},
+            stop)
+        outputs = {k: ops.convert_to_numpy(v) for k, v in outputs.items()}
+        if strip_prompt:
+            outputs["padding_mask"] = np.logical_and(
+                outputs["padding_mask"], batch["padding_mask"] == 0)
+        if not is_text:
+            return outputs
+        texts = [_decode(self.preprocessor, ids[mask]) for ids, mask in
+                 zip(outputs["token_ids"], outputs["padding_mask"])]
+        return texts[0] if isinstance(inputs, str) else texts
+
+    def _padded_prompts(self, inputs, max_length):
+        if not isinstance(inputs, dict) or set(inputs) != {
+                "token_ids", "padding_mask"}:
+            raise ValueError(
+                "generate() takes text (with a preprocessor) or a dict with "
+                "exactly the keys 'token_ids' and 'padding_mask'; received "
+                f"{type(inputs).__name__}"
+                f"{sorted(inputs) if isinstance(inputs, dict) else ''}.")
+        token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+        mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"]))
+        if token_ids.ndim != 2 or mask.shape != token_ids.shape:
+            raise ValueError(
+                "token_ids and padding_mask must both be (batch, length); "
+                f"received shapes {token_ids.shape} and {mask.shape}.")
+        length = token_ids.shape[1]
+        max_length = length if max_length is None else max_length
+        if max_length < length:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the prompts' "
+                f"buffer length {length}.")
+        extra = ((0, 0), (0, max_length - length))
+        return {"token_ids": np.pad(token_ids, extra).astype("int32"),
+                "padding_mask": np.pad(mask, extra).astype("int32")}
+
+    def _check_prompts(self, batch):
+        token_ids, mask = batch["token_ids"], batch["padding_mask"].astype(bool)
+        capacity = self.backbone.max_length
+        if token_ids.shape[1] > capacity:
+            raise ValueError(
+                f"max_length={token_ids.shape[1]} exceeds the model's "
+                f"{capacity} positions (axial_shape="
+                f"{self.backbone.axial_shape}).")
+        lengths = mask.sum(axis=1)
+        if np.any(lengths == 0):
+            raise ValueError(
+                "Every prompt needs at least one token; rows "
+                f"{np.flatnonzero(lengths == 0).tolist()} are empty.")
+        if np.any(mask != (np.arange(mask.shape[1]) < lengths[:, None])):
+            raise ValueError("Prompts must be right-padded: padding_mask "
+                             "must be 1s followed by 0s in every row.")
+        vocabulary = self.backbone.vocabulary_size
+        real = token_ids[mask]
+        if real.size and (real.min() < 0 or real.max() >= vocabulary):
+            raise ValueError(
+                f"token ids must be in [0, {vocabulary}); received prompt ids "
+                f"from {real.min()} to {real.max()}.")
 
     def get_config(self):
-        return self.task_config()
+        return {**self.task_config(),
+                "preprocessor": keras.layers.serialize(self.preprocessor)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = keras.layers.deserialize(
+                config["preprocessor"])
+        return super().from_config(config)
+
+
+def _before_stop(token_ids, prompt_mask, stop_token_ids):
+    """False after the first generated stop token of each row."""
+    if stop_token_ids is None:
+        return ops.ones_like(prompt_mask, "bool")
+    generated = ops.logical_not(prompt_mask)
+    stops = ops.zeros_like(prompt_mask, "bool")
+    for stop in stop_token_ids:
+        stops = ops.logical_or(stops, ops.equal(token_ids, stop))
+    stops = ops.cast(ops.logical_and(stops, generated), "int32")
+    return ops.cumsum(stops, axis=-1) - stops == 0
+
+
+def _decode(preprocessor, token_ids):
+    text = preprocessor.tokenizer.detokenize(token_ids)
+    text = ops.convert_to_numpy(text) if not isinstance(text, str) else text
+    return text.decode("utf-8", "replace") if isinstance(
+        text, (bytes, np.bytes_)) else str(text)
