@@ -25,6 +25,7 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from keras_reformer import multi_worker_training
 from keras_reformer import text_data
 from keras_reformer.export import export_for_serving
 from keras_reformer.export import save_keras_model
@@ -80,9 +81,10 @@ def parse_args(argv=None):
         "--strategy", default="none",
         choices=["none", "mirrored", "multi_worker_mirrored", "tpu"],
         help="tf.distribute strategy: mirrored (the GPUs of this machine), "
-             "tpu (with --tpu); multi_worker_mirrored stops with the reason "
-             "(Keras 3 cannot fit under it yet); --batch-size is the global "
-             "batch")
+             "tpu (with --tpu), multi_worker_mirrored (one process per "
+             "worker, cluster from TF_CONFIG; trains with a strategy.run "
+             "loop, as Keras 3's fit cannot, without resuming; only the "
+             "chief keeps its files); --batch-size is the global batch")
     training.add_argument("--tpu", default=None,
                           help="TPU name or grpc:// address for --strategy "
                                "tpu (default: the TPU VM's own)")
@@ -214,28 +216,22 @@ def build_model(args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[BitsPerByte()],
         jit_compile=args.jit_compile or args.strategy == "tpu",
-        steps_per_execution=args.steps_per_execution)
+        steps_per_execution=args.steps_per_execution,
+        sampler=keras_hub.samplers.TopKSampler(k=10, seed=args.seed))
     return model
 
 
 def make_strategy(args):
     """The `tf.distribute` strategy named by `--strategy`.
 
-    The model and optimizer are built in its scope; Keras distributes the
-    tf.data pipeline over the replicas (`--batch-size` is the global batch).
+    The model and optimizer are built in its scope; the tf.data pipeline is
+    distributed over the replicas (`--batch-size` is the global batch).
     """
     if args.strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     if args.strategy == "multi_worker_mirrored":
-        # Checked here with two workers on 127.0.0.1: Keras 3.15's fit fails
-        # under this strategy even for a one-Dense model ("Attempt to
-        # convert a value (PerReplica ...) to a Tensor"), an open upstream
-        # bug (keras-team/keras#20585, tensorflow/tensorflow#72388).
-        sys.exit("--strategy multi_worker_mirrored: Keras 3's model.fit does "
-                 "not run under tf.distribute.MultiWorkerMirroredStrategy yet "
-                 "(keras-team/keras#20585). Use --strategy mirrored on each "
-                 "machine, --strategy tpu, or the JAX backend with "
-                 "keras.distribution for several hosts.")
+        # The cluster and this worker's place in it come from TF_CONFIG.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if args.strategy == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
             tpu=args.tpu or "local")
@@ -263,42 +259,27 @@ class HeldOutReport(keras.callbacks.Callback):
               f"{time.time() - self.start:.0f} s", flush=True)
 
 
-def generate(model, prompt, length, seed):
-    """Samples `length` bytes after `prompt` with keras-hub's top-10 sampler.
+def generate(model, prompt, length):
+    """Samples `length` bytes after `prompt` with cached decoding.
 
-    The sampler fills a fixed-size buffer (prompt + room for the sample).
-    Each step reruns the model on the whole buffer (no cache) with only the
-    filled positions marked real in the padding mask, so the empty slots
-    neither attend nor move the real tokens' LSH buckets, and returns the
-    logits at the last filled position, `index - 1`.
+    `ReformerCausalLM.generate` runs keras-hub's top-10 sampler (set in
+    `build_model`); every layer keeps a cache, so each new byte costs one
+    position's work.
 
     Args:
         model: a `ReformerCausalLM`.
         prompt: `bytes`.
         length: int, bytes to generate.
-        seed: int, the sampler's seed.
 
     Returns:
         The generated text (`str`, without the prompt).
     """
-    total = len(prompt) + length
-    buffer = np.zeros((1, total), "int32")
-    buffer[0, :len(prompt)] = list(prompt)
-    positions = tf.range(total)[None, :]
-
-    @tf.function
-    def logits_before(token_ids, index):
-        padding_mask = tf.cast(positions < index, tf.int32)
-        logits = model({"token_ids": token_ids, "padding_mask": padding_mask},
-                       training=False)
-        return tf.cast(logits[:, index - 1, :], tf.float32)
-
-    def next_logits(prompt, cache, index):
-        return logits_before(prompt, index), None, cache
-
-    sampler = keras_hub.samplers.TopKSampler(k=10, seed=seed)
-    output = sampler(next_logits, tf.constant(buffer), index=len(prompt))
-    return text_data.detokenize(np.asarray(output)[0, len(prompt):])
+    token_ids = np.array([list(prompt)], "int32")
+    output = model.generate(
+        {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)},
+        max_length=len(prompt) + length, strip_prompt=True)
+    generated = output["token_ids"][0][output["padding_mask"][0]]
+    return text_data.detokenize(generated)
 
 
 def held_out_prompt(held_out, length):
@@ -319,6 +300,9 @@ def check_export(path, model, inputs):
 
 def main(argv=None):
     args = parse_args(argv)
+    # First: MultiWorkerMirroredStrategy must configure TensorFlow's
+    # collective ops before any other TensorFlow work.
+    strategy = make_strategy(args)
     keras.utils.set_random_seed(args.seed)
     train_text, held_out_text = load_corpus(args)
     train = text_data.language_model_dataset(
@@ -326,7 +310,6 @@ def main(argv=None):
         seed=args.seed, repeat=True)
     held_out = text_data.language_model_dataset(
         held_out_text, args.sequence_length, args.batch_size)
-    strategy = make_strategy(args)
     with strategy.scope():
         model = build_model(args)
     print(f"Strategy: {args.strategy} ({strategy.num_replicas_in_sync} "
@@ -341,19 +324,32 @@ def main(argv=None):
           "(the first step compiles)...", flush=True)
     start = time.time()
     report = HeldOutReport()
-    model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-              shuffle=False,  # the dataset shuffles itself
-              validation_data=held_out,
-              # The report comes last: once an epoch is reported, it is
-              # backed up and checkpointed.
-              callbacks=[
-                  keras.callbacks.BackupAndRestore(args.backup_dir),
-                  keras.callbacks.ModelCheckpoint(
-                      args.export_dir + ".checkpoints/"
-                      "epoch_{epoch:02d}.weights.h5",
-                      save_weights_only=True),
-                  report],
-              verbose=1 if sys.stdout.isatty() else 2)
+    if args.strategy == "multi_worker_mirrored":
+        # Keras 3.15's fit fails under this strategy (keras-team/keras#20585):
+        # a strategy.run loop with the same optimizer, loss and report.
+        print("multi_worker_mirrored: training through strategy.run (no "
+              "BackupAndRestore or per-epoch checkpoints).", flush=True)
+        trainer = multi_worker_training.StrategyTrainer(
+            model, model.optimizer, strategy, jit_compile=args.jit_compile)
+        trainer.fit(train, epochs=args.epochs,
+                    steps_per_epoch=args.steps_per_epoch,
+                    validation_data=held_out, callbacks=[report],
+                    verbose=1 if sys.stdout.isatty() else 2)
+    else:
+        model.fit(train, epochs=args.epochs,
+                  steps_per_epoch=args.steps_per_epoch,
+                  shuffle=False,  # the dataset shuffles itself
+                  validation_data=held_out,
+                  # The report comes last: once an epoch is reported, it is
+                  # backed up and checkpointed.
+                  callbacks=[
+                      keras.callbacks.BackupAndRestore(args.backup_dir),
+                      keras.callbacks.ModelCheckpoint(
+                          args.export_dir + ".checkpoints/"
+                          "epoch_{epoch:02d}.weights.h5",
+                          save_weights_only=True),
+                      report],
+                  verbose=1 if sys.stdout.isatty() else 2)
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
           "by epoch: " + ", ".join(f"{v:.3f}" for v in report.history),
           flush=True)
@@ -361,20 +357,26 @@ def main(argv=None):
     prompt = held_out_prompt(
         held_out_text, min(PROMPT_LENGTH, args.sequence_length -
                            args.sample_length))
-    print(f"Sampling {args.sample_length} bytes (top-10 sampling)...",
+    print(f"Sampling {args.sample_length} bytes (top-10 sampling, cached "
+          "decoding)...",
           flush=True)
-    sample = generate(model, prompt, args.sample_length, args.seed)
+    sample = generate(model, prompt, args.sample_length)
     print("----- prompt (held-out) -----\n" + text_data.detokenize(prompt))
     print("----- sample -----\n" + sample + "\n-----", flush=True)
 
-    keras_path = save_keras_model(model, args.export_dir + ".keras")
-    print(f"Saved {keras_path}", flush=True)
-    export_path = export_for_serving(model, args.export_dir)
-    print(f"Exported the SavedModel {export_path} (signature "
-          "serving_default: int32 token_ids (batch, length) -> logits)",
-          flush=True)
-    inputs, _ = next(iter(held_out))
-    difference = check_export(export_path, model, inputs)
+    # Every worker saves; only the chief's files are kept (the others write
+    # to a temporary directory that is deleted). One process is the chief.
+    with multi_worker_training.chief_path(args.export_dir,
+                                          strategy) as export_dir:
+        keras_path = save_keras_model(model, export_dir + ".keras")
+        print(f"Saved {keras_path}", flush=True)
+        export_path = export_for_serving(model, export_dir)
+        print(f"Exported the SavedModel {export_path} (signatures "
+              "serving_default: int32 token_ids (batch, length) -> logits; "
+              "generate: prompts and sampling settings -> token ids)",
+              flush=True)
+        inputs, _ = next(iter(held_out))
+        difference = check_export(export_path, model, inputs)
     print(f"Reloaded SavedModel vs Python model logits on a held-out batch: "
           f"max difference {difference:.2e}", flush=True)
     if not difference < 1e-3:

@@ -44,3 +44,20 @@ def to_numpy(x):
 def assert_close(actual, expected, atol, rtol=0.0):
     np.testing.assert_allclose(to_numpy(actual), to_numpy(expected),
                                atol=atol, rtol=rtol)
+
+
+# Source for scripts run in subprocesses (after importing keras, numpy as
+# np, ReformerBackbone): a tiny LSH + local backbone and one batch of
+# next-token training data, `x` and `y`.
+TINY_LM_SOURCE = """
+def tiny_backbone():
+    keras.utils.set_random_seed(1)
+    return ReformerBackbone(
+        50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
+        attention_types=["lsh", "local"], axial_shape=(8, 8),
+        chunk_length=16, num_hashes=2, seed=1)
+
+ids = np.random.RandomState(0).randint(1, 50, (8, 65)).astype("int32")
+x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((8, 64), "int32")}
+y = ids[:, 1:]
+"""

@@ -15,6 +15,8 @@ import textwrap
 import keras
 import pytest
 
+from tests.helpers import TINY_LM_SOURCE
+
 # Shared by both scripts: a model factory, one batch, and the comparison
 # (`parallel_model()` builds the model under the data-parallel setting).
 COMMON = textwrap.dedent("""
@@ -22,22 +24,13 @@ COMMON = textwrap.dedent("""
     import keras
     import numpy as np
     from keras_reformer.models import ReformerBackbone, ReformerCausalLM
-
+""") + TINY_LM_SOURCE + textwrap.dedent("""
     def make():
-        keras.utils.set_random_seed(1)
-        backbone = ReformerBackbone(
-            50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
-            attention_types=["lsh", "local"], axial_shape=(8, 8),
-            chunk_length=16, num_hashes=2, seed=1)
-        model = ReformerCausalLM(backbone)
+        model = ReformerCausalLM(tiny_backbone())
         model.compile(optimizer=keras.optimizers.SGD(0.1),
                       loss=keras.losses.SparseCategoricalCrossentropy(
                           from_logits=True))
         return model
-
-    ids = np.random.RandomState(0).randint(1, 50, (8, 65)).astype("int32")
-    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((8, 64), "int32")}
-    y = ids[:, 1:]
 
     def compare(parallel_model):
         single = make()

@@ -1,8 +1,10 @@
 """Smoke run of examples/train_lm.py with tiny settings."""
 
+import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -84,10 +86,51 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path):
     assert (export_dir / "saved_model.pb").is_file()
 
 
-def test_multi_worker_strategy_stops_with_the_reason(tmp_path):
-    run = run_example("--strategy", "multi_worker_mirrored",
-                      "--max-corpus-bytes", "20000", "--sequence-length", "32",
-                      "--sample-length", "4", "--export-dir",
-                      str(tmp_path / "lm"), timeout=60)
-    assert run.returncode == 1
-    assert "keras-team/keras#20585" in run.stderr, run.stderr[-2000:]
+def test_multi_worker_strategy_trains_on_two_workers_and_the_chief_exports(
+        tmp_path):
+    """Two worker processes on 127.0.0.1 (TF_CONFIG): both train, report the
+    same held-out bits per byte, and only the chief's export is kept."""
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    export_dir = tmp_path / "lm"
+    flags = ["--strategy", "multi_worker_mirrored", "--sequence-length", "32",
+             "--num-layers", "1", "--hidden-dim", "16", "--chunk-length",
+             "16", "--batch-size", "4", "--steps-per-epoch", "3", "--epochs",
+             "1", "--max-corpus-bytes", "20000", "--sample-length", "4",
+             "--export-dir", str(export_dir)]
+    workers = []
+    try:
+        for index in range(2):
+            config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                      "task": {"type": "worker", "index": index}}
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                       TF_CONFIG=json.dumps(config))
+            workers.append(subprocess.Popen(
+                [sys.executable, SCRIPT, *flags], cwd=ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-4000:]
+        assert "2 replica(s)" in output, output[-3000:]
+    reported = [re.findall(r"held-out bits per byte ([0-9.]+|nan|inf)", out)
+                for out in outputs]
+    assert len(reported[0]) == 1 and reported[0] == reported[1], reported
+    assert 0.0 < float(reported[0][0]) < 8.5
+    # The chief (worker 0) exported; worker 1 wrote to a deleted temporary.
+    assert (export_dir / "saved_model.pb").is_file()
+    assert (tmp_path / "lm.keras").is_file()
+    assert f"Saved {tmp_path / 'lm.keras'}" in outputs[0]
+    saved = re.search(r"Saved (\S+)", outputs[1]).group(1)
+    assert not saved.startswith(str(tmp_path)) and not os.path.exists(saved)
+    for output in outputs:
+        difference = re.search(r"max difference ([0-9.e+-]+)", output)
+        assert difference and float(difference.group(1)) < 1e-3, output[-2000:]
