@@ -140,6 +140,36 @@ def test_top_k_sampling_stays_in_the_top_k_and_follows_the_seed():
         assert tokens[t] in top_3
 
 
+def sequence_log_probability(lm, tokens, start):
+    total = 0.0
+    for t in range(start, len(tokens)):
+        logits = whole_prefix_logits(lm, np.array([tokens[:t]], "int32"))[0]
+        total += logits[tokens[t]] - np.log(np.exp(logits).sum())
+    return total
+
+
+def test_beam_search_scores_at_least_greedy_and_top_p_runs():
+    lm = causal_lm(["local", "lsh"])
+    prompt = {"token_ids": np.array([[3, 4, 5, 0, 0, 0, 0, 0]], "int32"),
+              "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]], "int32")}
+    scores = {}
+    for name, sampler in [
+            ("greedy", "greedy"),
+            ("beam", keras_hub.samplers.BeamSampler(num_beams=3))]:
+        lm.compile(sampler=sampler)
+        tokens = lm.generate(prompt)["token_ids"][0]
+        scores[name] = sequence_log_probability(lm, tokens, 3)
+    assert scores["beam"] >= scores["greedy"] - 1e-4
+    lm.compile(sampler=keras_hub.samplers.TopPSampler(p=0.5, seed=1))
+    tokens = lm.generate(prompt)["token_ids"][0]
+    for t in range(3, 8):  # each token within the top 50% of the mass
+        logits = whole_prefix_logits(lm, tokens[None, :t])[0]
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        better = probabilities[probabilities > probabilities[tokens[t]]]
+        assert better.sum() < 0.5 + 1e-5
+
+
 def test_stop_tokens_and_strip_prompt():
     lm = causal_lm(["local"])
     lm.compile(sampler="greedy")
