@@ -1,0 +1,134 @@
+"""Whole training steps of the peer configurations in issue #8 (JAX backend).
+
+One `ReformerCausalLM` training step (Adam, batch 1, `train_on_batch` under
+XLA) per configuration and length, each in its own process: median step
+time after a compiling step and the device's peak memory (weights and
+optimizer state included, as the peers' figures are; on a CPU, where JAX
+keeps no device peak, the process's peak resident memory).
+
+Configurations:
+
+* `reformer_pytorch`: 12 layers, d_model 1024, d_ff 4096, 8 heads, all LSH
+  (4 hashes, chunk 64), causal, reversible;
+* `enwik8`: 12 layers, d_model 1024, d_ff 4096, 8 heads, local, local, LSH,
+  local repeated (Hugging Face's enwik8 pattern), chunk 64;
+* `crime_and_punishment`: 6 layers, d_model 256, d_ff 512, 2 heads of 128,
+  axial shape (512, 1024), buckets (64, 128), chunk 64, local and LSH
+  alternating (Hugging Face's advertised half-million-token model).
+
+    KERAS_BACKEND=jax python benchmarks/lm_step.py \\
+        --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CONFIGURATIONS = {
+    "reformer_pytorch": dict(
+        hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
+        attention_types=["lsh"] * 12, num_hashes=4),
+    "enwik8": dict(
+        hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
+        attention_types=["local", "local", "lsh", "local"] * 3,
+        num_hashes=4),
+    "crime_and_punishment": dict(
+        hidden_dim=256, intermediate_dim=512, num_heads=2, head_dim=128,
+        attention_types=["local", "lsh"] * 3, num_hashes=1,
+        num_buckets=(64, 128), axial_shape=(512, 1024)),
+}
+
+
+def axial_shape_for(length):
+    rows = 2 ** (length.bit_length() // 2)
+    return (rows, max(1, length // rows))
+
+
+def measure(name, length, repeats, layers):
+    import keras
+    import numpy as np
+
+    from keras_reformer.models import ReformerBackbone
+    from keras_reformer.models import ReformerCausalLM
+
+    config = dict(CONFIGURATIONS[name])
+    if layers:
+        config["attention_types"] = config["attention_types"][:layers]
+    config.setdefault("axial_shape", axial_shape_for(length))
+    backbone = ReformerBackbone(
+        vocabulary_size=256, chunk_length=64, causal=True,
+        feed_forward_chunk_length=64, seed=0, **config)
+    lm = ReformerCausalLM(backbone)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-4),
+               loss=keras.losses.SparseCategoricalCrossentropy(
+                   from_logits=True), jit_compile=True)
+    ids = np.random.RandomState(0).randint(0, 256, (1, length + 1))
+    x = {"token_ids": ids[:, :-1].astype("int32"),
+         "padding_mask": np.ones((1, length), "int32")}
+    y = ids[:, 1:].astype("int32")
+    lm.train_on_batch(x, y)  # compiles
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = lm.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    return {"seconds": float(np.median(times)), "peak_mib": _peak_mib(),
+            "loss": float(np.asarray(loss).ravel()[0]),
+            "parameters": lm.count_params()}
+
+
+def _peak_mib():
+    import resource
+
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", default="reformer_pytorch:16384,reformer_pytorch:65536,"
+        "enwik8:65536,crime_and_punishment:524288",
+        help="comma-separated configuration:length pairs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=0,
+                        help="keep only the first N layers (smoke tests)")
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        name, length = args.single.split(":")
+        print(json.dumps(measure(name, int(length), args.repeats,
+                                 args.layers)))
+        return
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    for run_spec in args.runs.split(","):
+        name, length = run_spec.split(":")
+        if name not in CONFIGURATIONS:
+            parser.error(f"unknown configuration {name!r}; choose from "
+                         f"{sorted(CONFIGURATIONS)}")
+        run = subprocess.run(
+            [sys.executable, __file__, "--single", run_spec, "--repeats",
+             str(args.repeats), "--layers", str(args.layers)],
+            capture_output=True, text=True, env=env)
+        line = {"benchmark": "lm_step", "configuration": name,
+                "length": int(length), "layers": args.layers or "all"}
+        if run.returncode:
+            line["error"] = run.stderr.strip()[-400:]
+        else:
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            line.update(step_s=round(result["seconds"], 3),
+                        peak_mib=round(result["peak_mib"], 1),
+                        loss=round(result["loss"], 3),
+                        parameters=result["parameters"])
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
