@@ -12,14 +12,13 @@ attentions measured in the same run.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
+
+from isolated import median_seconds
+from isolated import run_single
 
 
 def measure(attention, length, heads, repeats):
     import resource
-    import time
 
     import numpy as np
     import tensorflow as tf
@@ -45,14 +44,9 @@ def measure(attention, length, heads, repeats):
         return tape.gradient(loss, [x] + layer.trainable_variables)
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(x)  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        [g.numpy() for g in step(x)]
-        times.append(time.perf_counter() - start)
+    seconds = median_seconds(lambda: [g.numpy() for g in step(x)], repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    return {"median_s": round(float(np.median(times)), 4),
+    return {"median_s": round(seconds, 4),
             "peak_rss_mib": round(peak / 1024, 1)}
 
 
@@ -71,16 +65,9 @@ def main():
     for length in [int(n) for n in args.lengths.split(",")]:
         results = {}
         for attention in ("lsh", "full"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--single",
-                 f"{attention}:{length}", "--heads", str(args.heads),
-                 "--repeats", str(args.repeats)],
-                capture_output=True, text=True,
-                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-            if out.returncode != 0:
-                results[attention] = {"error": out.stderr.strip()[-300:]}
-            else:
-                results[attention] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[attention] = run_single(
+                __file__, f"{attention}:{length}",
+                ["--heads", args.heads, "--repeats", args.repeats])
             print(json.dumps({"benchmark": "attention_cpu", "attention": attention,
                               "length": length, "heads": args.heads,
                               **results[attention]}), flush=True)

@@ -22,24 +22,11 @@ ratios against `flash` measured in the same run.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
+
+from isolated import median_seconds
+from isolated import run_single
 
 IMPLEMENTATIONS = ("lsh", "flash", "huggingface")
-
-
-def median_time(run, repeats):
-    import numpy as np
-
-    run()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def jax_peak_mib(compiled):
@@ -79,7 +66,7 @@ def measure_lsh(length, heads, repeats, dtype):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     compiled = step.lower(weights, x).compile()
-    seconds = median_time(
+    seconds = median_seconds(
         lambda: jax.block_until_ready(compiled(weights, x)), repeats)
     return seconds, jax_peak_mib(compiled)
 
@@ -101,7 +88,7 @@ def measure_flash(length, heads, repeats):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     compiled = step.lower(q, k, v).compile()
-    seconds = median_time(
+    seconds = median_seconds(
         lambda: jax.block_until_ready(compiled(q, k, v)), repeats)
     return seconds, jax_peak_mib(compiled)
 
@@ -129,7 +116,7 @@ def measure_huggingface(length, heads, repeats):
     run()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = median_time(run, repeats)
+    seconds = median_seconds(run, repeats)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else None)  # torch keeps no peak for the CPU
     return seconds, peak
@@ -159,22 +146,19 @@ def main():
                                 args.repeats, args.lsh_dtype)
         print(json.dumps({"seconds": seconds, "peak_mib": peak}))
         return
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     for length in [int(n) for n in args.lengths.split(",")]:
         results = {}
         for implementation in args.implementations.split(","):
-            run = subprocess.run(
-                [sys.executable, __file__, "--single",
-                 f"{implementation}:{length}", "--heads", str(args.heads),
-                 "--repeats", str(args.repeats), "--lsh-dtype",
-                 args.lsh_dtype], capture_output=True, text=True, env=env)
+            result = run_single(
+                __file__, f"{implementation}:{length}",
+                ["--heads", args.heads, "--repeats", args.repeats,
+                 "--lsh-dtype", args.lsh_dtype], backend="jax")
             line = {"benchmark": "attention_gpu",
                     "implementation": implementation, "length": length,
                     "heads": args.heads}
-            if run.returncode:
-                line["error"] = run.stderr.strip()[-400:]
+            if "error" in result:
+                line["error"] = result["error"]
             else:
-                result = json.loads(run.stdout.strip().splitlines()[-1])
                 results[implementation] = result
                 peak = result["peak_mib"]
                 line.update(ms=round(1e3 * result["seconds"], 2),

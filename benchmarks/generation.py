@@ -18,13 +18,13 @@ is not timed; the median of `--repeats` timed calls is reported.
 
 import argparse
 import json
-import time
 
 import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from isolated import median_seconds
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
 
@@ -62,16 +62,6 @@ def uncached_generate(lm):
     return generate
 
 
-def timed(function, repeats):
-    function()  # compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-lengths", default="128,512,2048")
@@ -90,9 +80,9 @@ def main():
         mask = np.zeros((1, total), "int32")
         mask[:, :prompt_length] = 1
         inputs = {"token_ids": prompt * mask, "padding_mask": mask}
-        cached = timed(lambda: lm.generate(inputs), args.repeats)
+        cached = median_seconds(lambda: lm.generate(inputs), args.repeats)
         uncached_fn = uncached_generate(lm)
-        uncached = timed(lambda: uncached_fn(
+        uncached = median_seconds(lambda: uncached_fn(
             tf.constant(prompt * mask), tf.constant(prompt_length)).numpy(),
             args.repeats)
         print(json.dumps({

@@ -22,10 +22,9 @@ Configurations:
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
+
+from isolated import median_seconds
+from isolated import run_single
 
 CONFIGURATIONS = {
     "reformer_pytorch": dict(
@@ -69,13 +68,9 @@ def measure(name, length, repeats, layers):
     x = {"token_ids": ids[:, :-1].astype("int32"),
          "padding_mask": np.ones((1, length), "int32")}
     y = ids[:, 1:].astype("int32")
-    lm.train_on_batch(x, y)  # compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss = lm.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    return {"seconds": float(np.median(times)), "peak_mib": _peak_mib(),
+    seconds = median_seconds(lambda: lm.train_on_batch(x, y), repeats)
+    loss = lm.train_on_batch(x, y)
+    return {"seconds": seconds, "peak_mib": _peak_mib(),
             "loss": float(np.asarray(loss).ravel()[0]),
             "parameters": lm.count_params()}
 
@@ -107,22 +102,19 @@ def main():
         print(json.dumps(measure(name, int(length), args.repeats,
                                  args.layers)))
         return
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
         if name not in CONFIGURATIONS:
             parser.error(f"unknown configuration {name!r}; choose from "
                          f"{sorted(CONFIGURATIONS)}")
-        run = subprocess.run(
-            [sys.executable, __file__, "--single", run_spec, "--repeats",
-             str(args.repeats), "--layers", str(args.layers)],
-            capture_output=True, text=True, env=env)
+        result = run_single(__file__, run_spec,
+                            ["--repeats", args.repeats, "--layers",
+                             args.layers], backend="jax")
         line = {"benchmark": "lm_step", "configuration": name,
                 "length": int(length), "layers": args.layers or "all"}
-        if run.returncode:
-            line["error"] = run.stderr.strip()[-400:]
+        if "error" in result:
+            line["error"] = result["error"]
         else:
-            result = json.loads(run.stdout.strip().splitlines()[-1])
             line.update(step_s=round(result["seconds"], 3),
                         peak_mib=round(result["peak_mib"], 1),
                         loss=round(result["loss"], 3),
