@@ -106,3 +106,21 @@ def test_reversible_backward_under_bfloat16_adds_little_error():
     assert np.median(errors[False]) < 0.1  # bfloat16 itself
     assert np.median(errors[True]) < 1.3 * np.median(errors[False])
     assert errors[True].max() < 1.3 * errors[False].max()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_cached_generation_matches_the_whole_prefix(policy):
+    # ["lsh", "local", "full"]: the LSH layer is not the top one, so the
+    # comparison uses one chunk spanning the prefix (no chunk boundaries
+    # to move); the cached path must autocast like the ordinary call.
+    lm = language_model(policy, chunk_length=64)
+    ids = INPUTS["token_ids"][:2, :20]
+    _, cache = lm.build_cache(ids, 4)
+    for t in range(4, 20):
+        logits, _, cache = lm.call_with_cache(ids[:, t:t + 1], cache, t)
+        assert keras.backend.standardize_dtype(logits.dtype) == policy[6:]
+        whole = to_numpy(lm({"token_ids": ids[:, :t + 1],
+                             "padding_mask": np.ones((2, t + 1), "int32")}))
+        np.testing.assert_allclose(
+            to_numpy(logits)[:, 0].astype("float32"),
+            whole[:, -1].astype("float32"), atol=0.05)

@@ -150,8 +150,9 @@ class ChunkedFeedForward(keras.layers.Layer):
         """
         if cache is None:
             return self(inputs), {}
-        weights = [self.intermediate_kernel, self.intermediate_bias,
-                   self.output_kernel, self.output_bias]
+        weights = [ops.cast(w, inputs.dtype) for w in (
+            self.intermediate_kernel, self.intermediate_bias,
+            self.output_kernel, self.output_bias)]
         return self.feed_forward(inputs, weights), cache
 
     def compute_output_shape(self, input_shape):

@@ -70,8 +70,13 @@ class SelfAttentionBase(keras.layers.Layer):
         )
 
     def project(self, inputs, kernel):
-        """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`."""
-        return ops.einsum("blh,hnd->bnld", inputs, kernel)
+        """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`.
+
+        The kernel is cast to the inputs' dtype: cached decoding calls the
+        layer's methods directly, outside Keras's mixed-precision autocast.
+        """
+        return ops.einsum("blh,hnd->bnld", inputs,
+                          ops.cast(kernel, inputs.dtype))
 
     def merge_heads(self, outputs, valid):
         """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`.
@@ -80,7 +85,8 @@ class SelfAttentionBase(keras.layers.Layer):
         have no allowed key at all, and its output must not carry anything
         from any position (a later one, say) into the residual stream.
         """
-        merged = ops.einsum("bnld,ndh->blh", outputs, self.output_kernel)
+        merged = ops.einsum("bnld,ndh->blh", outputs,
+                            ops.cast(self.output_kernel, outputs.dtype))
         return merged * ops.cast(valid, merged.dtype)[..., None]
 
     def call_with_cache(self, inputs, cache, index):
