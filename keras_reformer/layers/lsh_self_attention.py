@@ -7,6 +7,7 @@ from keras_reformer.layers import hashing
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
+from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.self_attention_base import padding_mask_or_ones
@@ -235,9 +236,17 @@ class LSHSelfAttention(SelfAttentionBase):
         flat_positions = ops.take_along_axis(
             ops.reshape(sorted_positions, (batch, heads, num_hashes * length)),
             layout.sources()[:, None, :], axis=2)
+        # Where each (round, position) lands in the new sequence, and which
+        # (round, position) each place of it holds: the two permutations
+        # and their inverses, for gathers in both directions.
+        slots = ops.cast(ops.argsort(sorted_positions, axis=-1), "int32")
+        undo = ops.reshape(layout.destinations(slots),
+                           (batch, heads, num_hashes * length))
+        rounds = (layout.sources() // length)[:, None, :]
+        redo = rounds * length + flat_positions
 
         def gather(x):
-            return ops.take_along_axis(x, flat_positions[..., None], axis=2)
+            return gather_rows(x, flat_positions, undo, copies=num_hashes)
 
         sorted_query_key = gather(query_key)
         outputs, logsumexp = chunked_attention(
@@ -255,15 +264,10 @@ class LSHSelfAttention(SelfAttentionBase):
             ring_chunks=layout.ring_chunks,
         )
         # Back to the original order, then combine the rounds.
-        slots = ops.cast(ops.argsort(sorted_positions, axis=-1), "int32")
-        undo = ops.reshape(layout.destinations(slots),
-                           (batch, heads, num_hashes * length))
-        outputs = ops.reshape(
-            ops.take_along_axis(outputs, undo[..., None], axis=2),
-            (batch, heads, num_hashes, length, head_dim))
-        logsumexp = ops.reshape(
-            ops.take_along_axis(logsumexp, undo, axis=2),
-            (batch, heads, num_hashes, length))
+        outputs = ops.reshape(gather_rows(outputs, undo, redo),
+                              (batch, heads, num_hashes, length, head_dim))
+        logsumexp = ops.reshape(gather_rows(logsumexp, undo, redo),
+                                (batch, heads, num_hashes, length))
         return (_combine_rounds(outputs, logsumexp), buckets,
                 sorted_positions)
 

@@ -1,0 +1,55 @@
+"""Reordering rows by known permutations, differentiated by gathering.
+
+LSH attention reorders every head's tokens by each round's sort and back.
+Autodiff would differentiate each `take_along_axis` by scattering into a
+zero buffer; here the gradient gathers instead, with the inverse
+permutation the layer already has: no scatter-add (slow on accelerators)
+and no zero buffers (which XLA allocates early, one per layer, so that a
+reversible stack's memory grew with its depth).
+"""
+
+from keras import ops
+
+from keras_reformer.layers.custom_gradient import with_custom_gradient
+
+
+def gather_rows(x, index, inverse, copies=1):
+    """`x` reordered along axis 2: row `j` of the result is `x[..., index[j]]`.
+
+    Args:
+        x: `(batch, heads, rows, ...)` float tensor.
+        index: `(batch, heads, copies * rows)` int, each row of `x` picked
+            exactly `copies` times.
+        inverse: `(batch, heads, copies * rows)` int: for copy `c` and row
+            `r`, entry `c * rows + r` is where `index` picks row `r` for the
+            `c`-th time (so `index[inverse[c * rows + r]] == r`).
+        copies: int.
+
+    Returns:
+        `(batch, heads, copies * rows, ...)`; its gradient with respect to
+        `x` is the output gradient gathered at `inverse`, summed over the
+        copies.
+
+    Example:
+    >>> gather_rows(x, ops.array([[[2, 0, 1]]]), ops.array([[[1, 2, 0]]]))
+    """
+
+    def take(values, positions):
+        if len(values.shape) == 4:
+            positions = positions[..., None]
+        return ops.take_along_axis(values, positions, axis=2)
+
+    def forward(x, index, inverse):
+        return (take(x, index),), (inverse, ops.shape(x))
+
+    def backward(residuals, output_grads):
+        inverse, shape = residuals
+        gathered = take(output_grads[0], inverse)
+        if copies > 1:
+            gathered = ops.sum(ops.reshape(
+                gathered, (shape[0], shape[1], copies) + tuple(shape[2:])),
+                axis=2)
+        return gathered, None, None
+
+    (outputs,) = with_custom_gradient(forward, backward)(x, index, inverse)
+    return outputs

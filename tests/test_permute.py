@@ -1,0 +1,65 @@
+"""Row gathers whose gradient gathers too, against plain autodiff."""
+
+import numpy as np
+from keras import ops
+
+from keras_reformer.layers import LSHSelfAttention
+from keras_reformer.layers import FullSelfAttention
+from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.seeds import seed_tensor
+from tests.helpers import assert_close
+from tests.helpers import value_and_grads
+
+
+def test_gradient_equals_autodiff_of_take_along_axis():
+    rng = np.random.RandomState(0)
+    copies, rows = 3, 7
+    index = np.stack([np.stack([np.concatenate(
+        [rng.permutation(rows) for _ in range(copies)]) for _ in range(2)])
+        for _ in range(2)]).astype("int32")  # (2, 2, copies * rows)
+    # inverse[c * rows + r]: where index picks row r for the c-th time.
+    inverse = np.zeros_like(index)
+    for b in range(2):
+        for h in range(2):
+            seen = np.zeros(rows, int)
+            for j, r in enumerate(index[b, h]):
+                inverse[b, h, seen[r] * rows + r] = j
+                seen[r] += 1
+    x = rng.randn(2, 2, rows, 5).astype("float32")
+    weights = rng.randn(2, 2, copies * rows, 5).astype("float32")
+
+    def loss(gather):
+        return lambda x: ops.sum(gather(x) ** 2 * weights)
+
+    actual = value_and_grads(loss(lambda x: gather_rows(
+        x, index, inverse, copies)), x, [])
+    expected = value_and_grads(loss(lambda x: ops.take_along_axis(
+        x, index[..., None], axis=2)), x, [])
+    assert_close(actual[0], expected[0], atol=1e-5)
+    assert_close(actual[1], expected[1], atol=1e-5)
+
+
+def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():
+    # One chunk holds the whole sequence in every round, so LSH attention is
+    # full shared-QK attention, and so must be every gradient.
+    lsh = LSHSelfAttention(2, 8, chunk_length=64, num_hashes=3, num_buckets=4,
+                           causal=True, seed=1)
+    full = FullSelfAttention(2, 8, causal=True, shared_qk=True)
+    x = np.random.RandomState(1).randn(2, 37, 24).astype("float32")
+    lsh.build(x.shape)
+    full.build(x.shape)
+    full.set_weights(lsh.get_weights()[:3])
+    mask = np.ones((2, 37), "int32")
+    mask[0, :5] = 0
+
+    def loss(layer, **kwargs):
+        return lambda x: ops.sum(
+            layer(x, padding_mask=mask, **kwargs) ** 2 * mask[..., None])
+
+    actual = value_and_grads(
+        loss(lsh, training=True, seed=seed_tensor(3)), x,
+        lsh.trainable_variables)
+    expected = value_and_grads(loss(full), x, full.trainable_variables)
+    assert_close(actual[1], expected[1], atol=1e-4)
+    for a, b in zip(actual[2], expected[2]):
+        assert_close(a, b, atol=1e-4)
