@@ -129,34 +129,20 @@ def _neighbours(chunks, offset, ring_chunks):
     shifted = ops.roll(chunks, -offset, axis=2)
     if ring_chunks is None:
         return shifted
-    # The roll is right except where the step crosses a ring's end, which
-    # happens only in rows with padding-only chunks (XLA runs one branch).
+    # The roll is right except where the step crosses the ring's end.
     ring = ops.maximum(ops.cast(ring_chunks, "int32"), 1)
-    num_chunks = ops.shape(chunks)[2]
-    return ops.cond(ops.any(ring < num_chunks),
-                    lambda: _across_ring(chunks, shifted, offset, ring),
-                    lambda: shifted)
-
-
-def _across_ring(chunks, shifted, offset, ring):
-    """`shifted` with the chunks whose step crosses the ring's end replaced
-    by the right ones: `(u + offset) % ring`."""
     trailing = (1,) * (len(chunks.shape) - 3)
-    num_chunks = ops.shape(chunks)[2]
-    if offset < 0:
-        # Only the first chunks look back across the ring's start.
-        crossing = [ops.take_along_axis(
-            chunks, ops.reshape((k + offset) % ring, (-1, 1, 1) + trailing),
-            axis=2) for k in range(-offset)]
-        return ops.concatenate(crossing + [shifted[:, :, -offset:]],
-                               axis=2)[:, :, :num_chunks]
-    chunk_index = ops.reshape(ops.arange(num_chunks, dtype="int32"),
+    chunk_index = ops.reshape(ops.arange(ops.shape(chunks)[2], dtype="int32"),
                               (1, 1, -1) + trailing)
-    for k in range(offset):
-        # Chunks at a ring's end look ahead to its first chunks.
+    for k in range(abs(offset)):
+        if offset < 0:
+            crossing, source = k, (k + offset) % ring
+        else:
+            crossing, source = ring - offset + k, k % ring
         source_chunk = ops.take_along_axis(
-            chunks, ops.reshape(k % ring, (-1, 1, 1) + trailing), axis=2)
-        crossing = ops.reshape(ring - offset + k, (-1, 1, 1) + trailing)
+            chunks, ops.reshape(source, (-1, 1, 1) + trailing), axis=2)
+        crossing = ops.reshape(crossing * ops.ones_like(ring),
+                               (-1, 1, 1) + trailing)
         shifted = ops.where(chunk_index == crossing, source_chunk, shifted)
     return shifted
 
