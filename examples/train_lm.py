@@ -83,8 +83,9 @@ def parse_args(argv=None):
         help="tf.distribute strategy: mirrored (the GPUs of this machine), "
              "tpu (with --tpu), multi_worker_mirrored (one process per "
              "worker, cluster from TF_CONFIG; trains with a strategy.run "
-             "loop, as Keras 3's fit cannot, without resuming; only the "
-             "chief keeps its files); --batch-size is the global batch")
+             "loop, as Keras 3's fit cannot; resumes from --backup-dir, "
+             "which every worker must be able to read; only the chief "
+             "keeps its files); --batch-size is the global batch")
     training.add_argument("--tpu", default=None,
                           help="TPU name or grpc:// address for --strategy "
                                "tpu (default: the TPU VM's own)")
@@ -92,9 +93,10 @@ def parse_args(argv=None):
                           help="train steps per compiled call (raise it on "
                                "TPUs to avoid host round trips)")
     training.add_argument("--backup-dir", default=None,
-                          help="BackupAndRestore directory: a killed run "
-                               "started again resumes from its last epoch "
-                               "(default: <export-dir>.backup)")
+                          help="backup directory (BackupAndRestore, or the "
+                               "strategy.run loop's own backup): a killed "
+                               "run started again resumes from its last "
+                               "epoch (default: <export-dir>.backup)")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-length", type=int, default=120,
                         help="bytes to generate after the prompt")
@@ -326,15 +328,21 @@ def main(argv=None):
     report = HeldOutReport()
     if args.strategy == "multi_worker_mirrored":
         # Keras 3.15's fit fails under this strategy (keras-team/keras#20585):
-        # a strategy.run loop with the same optimizer, loss and report.
-        print("multi_worker_mirrored: training through strategy.run (no "
-              "BackupAndRestore or per-epoch checkpoints).", flush=True)
+        # a strategy.run loop with the same optimizer, loss and report, and
+        # the same backup and per-epoch weights (kept by the chief; the
+        # backup is saved before the report, and restored by every worker
+        # from the chief's --backup-dir).
+        print("multi_worker_mirrored: training through strategy.run.",
+              flush=True)
         trainer = multi_worker_training.StrategyTrainer(
             model, model.optimizer, strategy, jit_compile=args.jit_compile)
         trainer.fit(train, epochs=args.epochs,
                     steps_per_epoch=args.steps_per_epoch,
                     validation_data=held_out, callbacks=[report],
-                    verbose=1 if sys.stdout.isatty() else 2)
+                    verbose=1 if sys.stdout.isatty() else 2,
+                    backup_dir=args.backup_dir,
+                    weights_path=args.export_dir + ".checkpoints/"
+                    "epoch_{epoch:02d}.weights.h5")
     else:
         model.fit(train, epochs=args.epochs,
                   steps_per_epoch=args.steps_per_epoch,

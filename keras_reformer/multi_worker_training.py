@@ -17,9 +17,20 @@ Every worker runs the same program. Files are written by every worker too
 (saving may need collective operations), but only the chief writes to the
 real destination: `chief_path` hands the other workers a temporary path and
 deletes it afterwards.
+
+`StrategyTrainer.fit(backup_dir=...)` makes a run survive being killed, the
+way `keras.callbacks.BackupAndRestore` does for `fit`: after every epoch a
+`tf.train.Checkpoint` of the model's and the optimizer's variables, the
+number of finished epochs and the history is saved (every worker saves, the
+chief into `backup_dir`); the same command started again restores it on
+every worker, skips the batches the finished epochs consumed and goes on with
+the next epoch; the backup is deleted when training completes.
+`fit(weights_path=...)` also keeps the weights of every epoch, like
+`keras.callbacks.ModelCheckpoint(save_weights_only=True)`.
 """
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -72,7 +83,8 @@ class StrategyTrainer:
     ...     trainer = StrategyTrainer(lm, keras.optimizers.Adam(1e-3),
     ...                               strategy)
     >>> history = trainer.fit(train, epochs=2, steps_per_epoch=100,
-    ...                       validation_data=held_out)
+    ...                       validation_data=held_out,
+    ...                       backup_dir="lm.backup")  # resumes if killed
     >>> history["val_bits_per_byte"]
     """
 
@@ -220,14 +232,40 @@ class StrategyTrainer:
         return {"loss": loss, "bits_per_byte": loss / math.log(2.0)}
 
     def fit(self, dataset, epochs, steps_per_epoch, validation_data=None,
-            callbacks=None, verbose=1):
+            callbacks=None, verbose=1, backup_dir=None, weights_path=None):
         """Trains `epochs` x `steps_per_epoch` steps.
+
+        With `backup_dir`, a run that is killed and started again with the
+        same arguments goes on from its last finished epoch: after every
+        epoch (before the callbacks' `on_epoch_end`) every worker saves a
+        `tf.train.Checkpoint` of the model's variables (seed generator
+        states included), the optimizer's variables (step count and slots),
+        the number of finished epochs and the history so far, through a
+        `tf.train.CheckpointManager` keeping the last one. Only the chief
+        saves into `backup_dir`; the other workers save into a temporary
+        directory that is deleted when `fit` ends. At the start, if
+        `backup_dir` holds a checkpoint, every worker restores it from
+        there, so all workers must be able to read the chief's
+        `backup_dir` (all workers on one machine, or a file system they
+        share). Training then continues at the next unfinished
+        epoch: callbacks get the true epoch numbers, the returned history
+        holds every epoch, and `dataset` is skipped past the
+        `finished_epochs * steps_per_epoch` batches already consumed (a
+        `tf.data.Dataset` by `Dataset.skip`, a distributed one by drawing
+        and dropping them). The run then takes exactly the steps of an
+        uninterrupted one when `dataset` yields the same batches each time
+        it is iterated afresh (a fixed-seed shuffle, like
+        `text_data.language_model_dataset` with a seed); otherwise it
+        continues with other batches. When
+        training completes, the chief deletes `backup_dir`.
 
         Args:
             dataset: `tf.data.Dataset` of `(inputs, labels)` global batches,
                 repeating (at least `epochs * steps_per_epoch` batches).
-            epochs: int, epochs to run.
-            steps_per_epoch: int, optimizer steps per epoch.
+            epochs: int, epochs to run in all (a resumed run counts the
+                restored ones).
+            steps_per_epoch: int, optimizer steps per epoch; a resumed run
+                must use the backed-up run's value.
             validation_data: optional finite `tf.data.Dataset`, evaluated
                 after each epoch (`val_loss`, `val_bits_per_byte`).
             callbacks: optional list of `keras.callbacks.Callback`; only
@@ -236,11 +274,29 @@ class StrategyTrainer:
                 `on_train_end`), with the logs `fit` would give.
             verbose: 0 silent, 1 a progress bar on the chief, 2 one line
                 per epoch on the chief.
+            backup_dir: optional str or path-like, the directory of the
+                backup described above; `None` (default) keeps none.
+            weights_path: optional str ending in `.weights.h5`, where the
+                chief saves the model's weights after every epoch (the
+                other workers save to a deleted temporary file); formatted
+                like `keras.callbacks.ModelCheckpoint`'s `filepath` with
+                `epoch` (1-based) and the epoch's logs, e.g.
+                `"lm.checkpoints/epoch_{epoch:02d}.weights.h5"`. Missing
+                directories are created.
 
         Returns:
             A dict of per-epoch lists: `loss`, `bits_per_byte` (the mean
             training loss of the epoch's steps) and, with validation data,
-            `val_loss`, `val_bits_per_byte`.
+            `val_loss`, `val_bits_per_byte`; after a resume, the restored
+            epochs' values come first.
+
+        Example:
+        >>> history = trainer.fit(
+        ...     train, epochs=10, steps_per_epoch=300,
+        ...     validation_data=held_out, backup_dir="lm.backup",
+        ...     weights_path="lm.checkpoints/epoch_{epoch:02d}.weights.h5")
+        >>> # Killed during epoch 7 and started again: restores epoch 6's
+        >>> # backup, trains epochs 7 to 10, deletes "lm.backup".
         """
         check_positive_int("epochs", epochs)
         check_positive_int("steps_per_epoch", steps_per_epoch)
@@ -248,44 +304,191 @@ class StrategyTrainer:
         if verbose > 2:
             raise ValueError(f"verbose must be 0, 1 or 2; received "
                              f"verbose={verbose}.")
+        if backup_dir is not None:
+            if (not isinstance(backup_dir, (str, os.PathLike)) or
+                    not os.fspath(backup_dir)):
+                raise ValueError(f"backup_dir must be None or a non-empty "
+                                 f"directory path; received "
+                                 f"backup_dir={backup_dir!r}.")
+            backup_dir = os.fspath(backup_dir)
+            if (tf.io.gfile.exists(backup_dir) and
+                    not tf.io.gfile.isdir(backup_dir)):
+                raise ValueError(f"backup_dir must be a directory (or not "
+                                 f"exist yet); received "
+                                 f"backup_dir={backup_dir!r}, a file.")
+        log_names = ["loss", "bits_per_byte"]
+        if validation_data is not None:
+            log_names += ["val_loss", "val_bits_per_byte"]
+        if weights_path is not None:
+            _check_weights_path(weights_path, log_names)
         callbacks = list(callbacks or [])
-        for callback in callbacks:
-            callback.set_model(self.model)
-            callback.on_train_begin()
         chief = is_chief(self.strategy)
-        iterator = iter(self.distribute(dataset))
         history = {}
-        for epoch in range(epochs):
+        initial_epoch = 0
+        with contextlib.ExitStack() as stack:
+            backup = None
+            if backup_dir is not None:
+                backup = _Backup(self, backup_dir, steps_per_epoch,
+                                 stack.enter_context(
+                                     chief_path(backup_dir, self.strategy)))
+                initial_epoch, history = backup.restore()
+                if initial_epoch and chief and verbose:
+                    print(f"Restored the backup of epoch {initial_epoch} "
+                          f"from {backup_dir}; " + (
+                              f"resuming at epoch {initial_epoch + 1}/"
+                              f"{epochs}." if initial_epoch < epochs else
+                              f"all {epochs} epochs were done."), flush=True)
             for callback in callbacks:
-                callback.on_epoch_begin(epoch)
-            start = time.time()
-            progress = None
-            if chief and verbose == 1:
-                print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-                progress = keras.utils.Progbar(steps_per_epoch,
-                                               stateful_metrics=["loss"])
-            total = 0.0
-            for step in range(steps_per_epoch):
-                total += self.train_step(next(iterator))
-                if progress is not None:
-                    progress.update(step + 1,
-                                    [("loss", total / (step + 1))])
-            logs = {"loss": total / steps_per_epoch}
-            logs["bits_per_byte"] = logs["loss"] / math.log(2.0)
-            if validation_data is not None:
-                for name, value in self.evaluate(validation_data).items():
-                    logs["val_" + name] = value
-            for name, value in logs.items():
-                history.setdefault(name, []).append(value)
-            if chief and verbose:
-                print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
-                    f"{name} {value:.4f}" for name, value in logs.items())
-                    + f" ({time.time() - start:.0f} s)", flush=True)
-            for callback in callbacks:
-                callback.on_epoch_end(epoch, logs)
+                callback.set_model(self.model)
+                callback.on_train_begin()
+            consumed = initial_epoch * steps_per_epoch
+            if consumed and isinstance(dataset, tf.data.Dataset):
+                dataset = dataset.skip(consumed)
+                consumed = 0
+            iterator = iter(self.distribute(dataset))
+            for _ in range(consumed):  # an already distributed dataset
+                next(iterator)
+            for epoch in range(initial_epoch, epochs):
+                logs = self._fit_epoch(iterator, epoch, epochs,
+                                       steps_per_epoch, validation_data,
+                                       callbacks, chief, verbose)
+                for name, value in logs.items():
+                    history.setdefault(name, []).append(value)
+                # Saved before the callbacks run: once an epoch is reported,
+                # it is backed up.
+                if backup is not None:
+                    backup.save(epoch + 1, history)
+                if weights_path is not None:
+                    self._save_weights(weights_path.format(epoch=epoch + 1,
+                                                           **logs))
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, logs)
+            if backup is not None and chief:
+                tf.io.gfile.rmtree(backup_dir)
         for callback in callbacks:
             callback.on_train_end()
         return history
+
+    def _fit_epoch(self, iterator, epoch, epochs, steps_per_epoch,
+                   validation_data, callbacks, chief, verbose):
+        """Trains one epoch; returns its logs."""
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch)
+        start = time.time()
+        progress = None
+        if chief and verbose == 1:
+            print(f"Epoch {epoch + 1}/{epochs}", flush=True)
+            progress = keras.utils.Progbar(steps_per_epoch,
+                                           stateful_metrics=["loss"])
+        total = 0.0
+        for step in range(steps_per_epoch):
+            total += self.train_step(next(iterator))
+            if progress is not None:
+                progress.update(step + 1, [("loss", total / (step + 1))])
+        logs = {"loss": total / steps_per_epoch}
+        logs["bits_per_byte"] = logs["loss"] / math.log(2.0)
+        if validation_data is not None:
+            for name, value in self.evaluate(validation_data).items():
+                logs["val_" + name] = value
+        if chief and verbose:
+            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{name} {value:.4f}" for name, value in logs.items())
+                + f" ({time.time() - start:.0f} s)", flush=True)
+        return logs
+
+    def _save_weights(self, path):
+        """Every worker saves; only the chief's file is kept."""
+        with chief_path(path, self.strategy) as target:
+            directory = os.path.dirname(target)
+            if directory:
+                tf.io.gfile.makedirs(directory)
+            self.model.save_weights(target)
+
+
+class _History(tf.train.experimental.PythonState):
+    """The history so far and `steps_per_epoch`, as JSON in a checkpoint."""
+
+    def __init__(self):
+        self.value = {}
+
+    def serialize(self):
+        return json.dumps(self.value)
+
+    def deserialize(self, string_value):
+        self.value = json.loads(string_value)
+
+
+class _Backup:
+    """`StrategyTrainer.fit`'s backup: restores from the chief's directory,
+    saves into this worker's (`write_dir`)."""
+
+    def __init__(self, trainer, backup_dir, steps_per_epoch, write_dir):
+        self.backup_dir = backup_dir
+        self.steps_per_epoch = steps_per_epoch
+        with trainer.strategy.scope():
+            self.finished_epochs = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="finished_epochs")
+        self.state = _History()
+        self.checkpoint = tf.train.Checkpoint(
+            model_variables=list(trainer.model.variables),
+            optimizer_variables=list(trainer.optimizer.variables),
+            finished_epochs=self.finished_epochs,
+            state=self.state)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, write_dir, max_to_keep=1)
+
+    def restore(self):
+        """`(finished epochs, history)` from `backup_dir`, else `(0, {})`."""
+        latest = tf.train.latest_checkpoint(self.backup_dir)
+        if latest is None:
+            return 0, {}
+        try:
+            self.checkpoint.restore(latest).assert_consumed()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ValueError(
+                f"backup_dir={self.backup_dir!r} holds a checkpoint "
+                f"({latest}) that does not fit this model and optimizer "
+                f"({type(error).__name__}: {str(error)[:300]}); delete it or "
+                "give another backup_dir.") from error
+        saved_steps = self.state.value["steps_per_epoch"]
+        if saved_steps != self.steps_per_epoch:
+            raise ValueError(
+                f"steps_per_epoch must be the backed-up run's "
+                f"({saved_steps}, in backup_dir={self.backup_dir!r}) to "
+                f"resume it; received steps_per_epoch="
+                f"{self.steps_per_epoch}. Pass {saved_steps}, or delete the "
+                "backup to start afresh.")
+        history = {name: list(values) for name, values in
+                   self.state.value["history"].items()}
+        return int(self.finished_epochs.numpy()), history
+
+    def save(self, finished_epochs, history):
+        self.finished_epochs.assign(finished_epochs)
+        self.state.value = {"steps_per_epoch": self.steps_per_epoch,
+                            "history": history}
+        self.manager.save(checkpoint_number=finished_epochs)
+
+
+def _check_weights_path(weights_path, log_names):
+    """Raises ValueError unless `weights_path` formats to a `.weights.h5`
+    file name with `epoch` and the names in `log_names`."""
+    allowed = ", ".join(["epoch"] + list(log_names))
+    if not isinstance(weights_path, str) or not weights_path:
+        raise ValueError(f"weights_path must be None or a non-empty str "
+                         f"ending in .weights.h5; received "
+                         f"weights_path={weights_path!r}.")
+    try:
+        example = weights_path.format(
+            epoch=1, **{name: 0.0 for name in log_names})
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise ValueError(f"weights_path may only use the format fields "
+                         f"{allowed} (e.g. epoch_{{epoch:02d}}); received "
+                         f"weights_path={weights_path!r} ({error!r})."
+                         ) from None
+    if not example.endswith(".weights.h5"):
+        raise ValueError(f"weights_path must end in .weights.h5 (Keras's "
+                         f"save_weights format); received "
+                         f"weights_path={weights_path!r}.")
 
 
 def is_chief(strategy=None):

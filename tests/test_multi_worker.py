@@ -5,14 +5,21 @@ ReformerCausalLM (LSH and local attention, reversible stack) for a few SGD
 steps on one fixed global batch, split over two workers (TF_CONFIG); both
 workers must end with the same weights, and losses and weights must match a
 single process training the whole batch with a plain GradientTape.
+
+`StrategyTrainer.fit(backup_dir=...)`: two workers killed with SIGKILL after
+an epoch's backup and started again resume at the next epoch and end with
+the weights and history of an uninterrupted two-worker run.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import keras
 import numpy as np
@@ -206,6 +213,218 @@ def test_bad_arguments_are_rejected_by_name():
         trainer.distribute([1, 2])
     with pytest.raises(ValueError, match="verbose must be"):
         trainer.fit(None, epochs=1, steps_per_epoch=1, verbose=3)
+    for bad, message in [
+            (dict(backup_dir=""), "backup_dir must be None or a non-empty"),
+            (dict(backup_dir=__file__), "backup_dir must be a directory"),
+            (dict(weights_path="lm.h5"), "weights_path must end in "
+                                         r"\.weights\.h5"),
+            (dict(weights_path="{step}.weights.h5"),
+             "weights_path may only use the format fields epoch, loss"),
+            (dict(weights_path=7), "weights_path must be None or")]:
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(None, epochs=1, steps_per_epoch=1, **bad)
     assert mwt.is_chief()
     with mwt.chief_path("somewhere/lm") as path:
         assert path == "somewhere/lm"
+
+
+# argv: output prefix, backup directory, weights_path, epochs, the epoch
+# after which to wait for SIGKILL (0: never). Adam (slots and step count to
+# restore), a seeded shuffle over 3 batches with 2 steps per epoch (epochs
+# cross passes over the data), the LSH layers' per-step seed draws.
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from keras_reformer import multi_worker_training as mwt
+    from keras_reformer.models import ReformerBackbone, ReformerCausalLM
+
+    output, backup_dir, weights_path = sys.argv[1:4]
+    EPOCHS, PAUSE_AFTER = int(sys.argv[4]), int(sys.argv[5])
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+""") + TINY_LM_SOURCE + textwrap.dedent("""
+    rows = np.random.RandomState(2).randint(1, 50, (24, 65)).astype("int32")
+    inputs = {"token_ids": rows[:, :-1],
+              "padding_mask": np.ones((24, 64), "int32")}
+    train = tf.data.Dataset.from_tensor_slices((inputs, rows[:, 1:]))
+    train = train.shuffle(24, seed=3).repeat().batch(8, drop_remainder=True)
+    with strategy.scope():
+        model = ReformerCausalLM(tiny_backbone())
+        optimizer = keras.optimizers.Adam(1e-2)
+    trainer = mwt.StrategyTrainer(model, optimizer, strategy)
+
+    def state():
+        return model.get_weights() + [np.array(v) for v in optimizer.variables]
+
+    class Record(keras.callbacks.Callback):
+        begun = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self.begun:  # the weights the run starts from
+                np.savez(output + ".start.npz", *state())
+            self.begun.append(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == PAUSE_AFTER:
+                np.savez(output + ".paused.npz", *state())
+                print("PAUSED", flush=True)
+                time.sleep(300)  # until the test kills this worker
+
+    record = Record()
+    history = trainer.fit(train, epochs=EPOCHS, steps_per_epoch=2,
+                          callbacks=[record], verbose=2,
+                          backup_dir=backup_dir, weights_path=weights_path)
+    np.savez(output + ".end.npz", *state())
+    print("RESULT" + json.dumps({
+        "history": history, "begun": record.begun,
+        "chief": mwt.is_chief(strategy),
+        "backup_left": os.path.exists(backup_dir)}), flush=True)
+""")
+
+
+class Workers:
+    """Two worker processes of `RESUME_SCRIPT` whose output is read by
+    threads; `kill` ends those still running (used on every exit)."""
+
+    def __init__(self, tmp_path, name, epochs, pause_after, label):
+        ports = free_ports(2)
+        # Each run's temporary files (the other worker's backup) go here.
+        self.temporary = tmp_path / f"{label}.tmp"
+        self.temporary.mkdir()
+        self.backup = tmp_path / f"{name}.backup"
+        self.weights = tmp_path / f"{name}.checkpoints"
+        self.outputs = [[], []]
+        self.processes = []
+        self.readers = []
+        try:
+            for index in range(2):
+                argv = [sys.executable, "-c", RESUME_SCRIPT,
+                        str(tmp_path / f"{name}{index}"), str(self.backup),
+                        str(self.weights / "epoch_{epoch:02d}.weights.h5"),
+                        str(epochs), str(pause_after)]
+                process = subprocess.Popen(
+                    argv, cwd=ROOT, text=True,
+                    env=cluster_env(ports, index, TMPDIR=str(self.temporary)),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                self.processes.append(process)
+                reader = threading.Thread(
+                    target=self._read, daemon=True,
+                    args=(process, self.outputs[index]))
+                reader.start()
+                self.readers.append(reader)
+        except BaseException:
+            self.kill()
+            raise
+
+    @staticmethod
+    def _read(process, lines):
+        for line in process.stdout:
+            lines.append(line)
+
+    def text(self, index):
+        return "".join(self.outputs[index])[-4000:]
+
+    def wait_for(self, marker, timeout):
+        """Waits until every worker printed the line `marker`."""
+        deadline = time.monotonic() + timeout
+        while not all(marker + "\n" in lines for lines in self.outputs):
+            for index, process in enumerate(self.processes):
+                assert process.poll() is None, self.text(index)
+            assert time.monotonic() < deadline, (
+                f"no {marker} within {timeout} s:\n" + self.text(0))
+            time.sleep(0.1)
+
+    def finish(self, timeout):
+        """Waits for both to exit; returns their RESULT dicts."""
+        for index, process in enumerate(self.processes):
+            process.wait(timeout=timeout)
+            self.readers[index].join(timeout=10)  # the last lines
+            assert process.returncode == 0, self.text(index)
+        return [result_of("".join(lines)) for lines in self.outputs]
+
+    def kill(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def saved(prefix):
+    with np.load(f"{prefix}.npz") as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+
+def test_two_workers_killed_after_an_epoch_resume_from_its_backup(tmp_path):
+    """SIGKILL both workers after epoch 1 of 3 (while they wait in a
+    callback, after the backup is written); started again, they restore
+    the backup, train epochs 2 and 3 on the batches an uninterrupted run
+    trains them on, and end with its weights, optimizer state and history;
+    the backup is then deleted and the chief kept every epoch's weights.
+    """
+    runs = []
+    try:
+        # The uninterrupted run and the run to kill, side by side.
+        whole = Workers(tmp_path, "whole", epochs=3, pause_after=0,
+                        label="whole")
+        runs.append(whole)
+        killed = Workers(tmp_path, "run", epochs=3, pause_after=1,
+                         label="killed")
+        runs.append(killed)
+        killed.wait_for("PAUSED", timeout=150)
+        for process in killed.processes:
+            process.send_signal(signal.SIGKILL)  # no clean-up runs
+        killed.kill()
+        assert [p.returncode for p in killed.processes] == [-9, -9]
+        assert (killed.backup / "checkpoint").is_file()
+        assert sorted(os.listdir(killed.weights)) == ["epoch_01.weights.h5"]
+
+        resumed = Workers(tmp_path, "run", epochs=3, pause_after=0,
+                          label="resumed")
+        runs.append(resumed)
+        resumed_results = resumed.finish(timeout=150)
+        whole_results = whole.finish(timeout=150)
+    finally:
+        for run in runs:
+            run.kill()
+
+    for result in resumed_results:
+        # Resumed at epoch 2 (0-based 1), not from scratch ...
+        assert result["begun"] == [1, 2], result
+        assert not result["backup_left"]
+    assert "Restored the backup of epoch 1" in resumed.text(0)
+    # ... from exactly the state saved after epoch 1 ...
+    for index in range(2):
+        paused = saved(tmp_path / f"run{index}.paused")
+        start = saved(tmp_path / f"run{index}.start")
+        assert len(paused) == len(start) > 0
+        for before, after in zip(paused, start):
+            np.testing.assert_array_equal(before, after)
+    # ... to the end state and history of the uninterrupted run.
+    for index in range(2):
+        whole_end = saved(tmp_path / f"whole{index}.end")
+        resumed_end = saved(tmp_path / f"run{index}.end")
+        assert len(whole_end) == len(resumed_end)
+        for expected, actual in zip(whole_end, resumed_end):
+            np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+    for name, values in whole_results[0]["history"].items():
+        assert len(values) == 3
+        np.testing.assert_allclose(resumed_results[0]["history"][name],
+                                   values, rtol=0, atol=1e-6)
+    assert whole_results[0]["begun"] == [0, 1, 2]
+    # Both workers' backups are gone (the chief's directory, the other's
+    # temporary: only the killed worker 1 left its own behind); only the
+    # chief wrote the per-epoch weights.
+    assert not killed.backup.exists() and not whole.backup.exists()
+    def backups_left(run):  # autograph's files there are not ours
+        return [n for n in os.listdir(run.temporary) if n.startswith("worker")]
+
+    assert backups_left(whole) == backups_left(resumed) == []
+    left = backups_left(killed)
+    assert len(left) == 1 and left[0].startswith("worker1-"), left
+    assert whole_results[0]["chief"] and not whole_results[1]["chief"]
+    for run in (whole, resumed):
+        assert sorted(os.listdir(run.weights)) == [
+            f"epoch_{n:02d}.weights.h5" for n in (1, 2, 3)]

@@ -89,7 +89,8 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path):
 def test_multi_worker_strategy_trains_on_two_workers_and_the_chief_exports(
         tmp_path):
     """Two worker processes on 127.0.0.1 (TF_CONFIG): both train, report the
-    same held-out bits per byte, and only the chief's export is kept."""
+    same held-out bits per byte, and only the chief's export and per-epoch
+    weights are kept."""
     sockets = [socket.socket() for _ in range(2)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -125,7 +126,11 @@ def test_multi_worker_strategy_trains_on_two_workers_and_the_chief_exports(
                 for out in outputs]
     assert len(reported[0]) == 1 and reported[0] == reported[1], reported
     assert 0.0 < float(reported[0][0]) < 8.5
-    # The chief (worker 0) exported; worker 1 wrote to a deleted temporary.
+    # The chief (worker 0) exported and kept the epoch's weights; worker 1
+    # wrote to a deleted temporary; the finished run's backup is deleted.
+    assert sorted(os.listdir(tmp_path / "lm.checkpoints")) == [
+        "epoch_01.weights.h5"]
+    assert not (tmp_path / "lm.backup").exists()
     assert (export_dir / "saved_model.pb").is_file()
     assert (tmp_path / "lm.keras").is_file()
     assert f"Saved {tmp_path / 'lm.keras'}" in outputs[0]
