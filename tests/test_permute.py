@@ -1,10 +1,12 @@
 """Row gathers whose gradient gathers too, against plain autodiff."""
 
 import numpy as np
+import pytest
 from keras import ops
 
 from keras_reformer.layers import LSHSelfAttention
 from keras_reformer.layers import FullSelfAttention
+from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
@@ -63,3 +65,38 @@ def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():
     assert_close(actual[1], expected[1], atol=1e-4)
     for a, b in zip(actual[2], expected[2]):
         assert_close(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal,before,after", [(True, 1, 0), (False, 1, 1)])
+def test_lsh_gradients_equal_autodiff_with_padding_chunks(monkeypatch, causal,
+                                                          before, after):
+    # Many chunks per round and whole chunks of padding (a ring of real
+    # chunks and one of padding chunks): every gradient through the
+    # layer's gathers must equal autodiff of plain `take_along_axis`.
+    layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=2,
+                             num_buckets=4, causal=causal, seed=1,
+                             num_chunks_before=before, num_chunks_after=after)
+    x = np.random.RandomState(2).randn(2, 29, 24).astype("float32")
+    layer.build(x.shape)
+    mask = np.ones((2, 29), "int32")
+    mask[0, :9] = 0
+    mask[1, 17:] = 0
+
+    def loss(x):
+        return ops.sum(layer(x, padding_mask=mask, training=True,
+                             seed=seed_tensor(3)) ** 2 * mask[..., None])
+
+    actual = value_and_grads(loss, x, layer.trainable_variables)
+
+    def plain_gather_rows(x, index, inverse, copies=1):
+        if len(x.shape) == 4:
+            index = index[..., None]
+        return ops.take_along_axis(x, index, axis=2)
+
+    monkeypatch.setattr(lsh_self_attention, "gather_rows", plain_gather_rows)
+    expected = value_and_grads(loss, x, layer.trainable_variables)
+    assert_close(actual[0], expected[0], atol=1e-5)
+    assert np.abs(actual[1]).max() > 0
+    assert_close(actual[1], expected[1], atol=1e-5)
+    for a, b in zip(actual[2], expected[2]):
+        assert_close(a, b, atol=1e-5)

@@ -1,7 +1,7 @@
 """Attention inside chunks of a (possibly sorted) sequence, and its masks.
 
-Shared by LSH attention (chunks of the bucket-sorted sequence) and by the
-full-attention reference. Masks always use *original* token positions, so the
+Shared by LSH attention (chunks of the bucket-sorted sequence), local
+attention (chunks in order) and full attention (masks and softmax). Masks always use *original* token positions, so the
 same rules hold whatever order the tokens were sorted into:
 
 * causal: a query never sees a key at a later position;
@@ -100,77 +100,44 @@ def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
     return outputs, ops.squeeze(logsumexp, -1)
 
 
-def look_adjacent(chunks, num_chunks_before, num_chunks_after,
-                  ring_chunks=None):
-    """Concatenates each chunk with its neighbours on a ring of chunks.
+def look_adjacent(chunks, num_chunks_before, num_chunks_after):
+    """Concatenates each chunk with its neighbours, the last chunk's
+    successor being the first (callers mask what must not wrap around).
 
     Args:
         chunks: `(batch, heads, num_chunks, chunk_length, ...)`.
         num_chunks_before: how many preceding chunks to prepend.
         num_chunks_after: how many following chunks to append.
-        ring_chunks: None (all chunks form the ring: the first chunk's
-            predecessor is the last), or `(batch,)` ints: the first
-            `ring_chunks[b]` chunks of row `b` form its ring and the others
-            hold only padding (their own neighbours are never used).
 
     Returns:
         `(batch, heads, num_chunks, (1 + before + after) * chunk_length,
         ...)`, the earliest neighbour first.
     """
-    parts = [_neighbours(chunks, offset, ring_chunks)
+    parts = [chunks if offset == 0 else ops.roll(chunks, -offset, axis=2)
              for offset in range(-num_chunks_before, num_chunks_after + 1)]
     return ops.concatenate(parts, axis=3)
 
 
-def _neighbours(chunks, offset, ring_chunks):
-    """Chunk `u + offset` (modulo the ring) for every chunk `u`."""
-    if offset == 0:
-        return chunks
-    shifted = ops.roll(chunks, -offset, axis=2)
-    if ring_chunks is None:
-        return shifted
-    # The roll is right except where the step crosses the ring's end.
-    ring = ops.maximum(ops.cast(ring_chunks, "int32"), 1)
-    trailing = (1,) * (len(chunks.shape) - 3)
-    chunk_index = ops.reshape(ops.arange(ops.shape(chunks)[2], dtype="int32"),
-                              (1, 1, -1) + trailing)
-    for k in range(abs(offset)):
-        if offset < 0:
-            crossing, source = k, (k + offset) % ring
-        else:
-            crossing, source = ring - offset + k, k % ring
-        source_chunk = ops.take_along_axis(
-            chunks, ops.reshape(source, (-1, 1, 1) + trailing), axis=2)
-        crossing = ops.reshape(crossing * ops.ones_like(ring),
-                               (-1, 1, 1) + trailing)
-        shifted = ops.where(chunk_index == crossing, source_chunk, shifted)
-    return shifted
+def chunked_attention(queries, keys, values, query_positions, key_positions,
+                      key_valid, chunk_length, causal, mask_self,
+                      dropout_fn=None, window=None):
+    """Attention of each chunk of queries to its own window of keys.
 
-
-def chunked_attention(queries, keys, values, positions, valid, chunk_length,
-                      num_chunks_before, num_chunks_after, causal, mask_self,
-                      dropout_fn=None, wrap_around=True, ring_chunks=None):
-    """Attention within chunks of a sequence and their neighbours.
-
-    The sequence axis (of length `T`, a multiple of `chunk_length`) is cut into
-    chunks; queries of a chunk attend to the keys of the same chunk and of
-    `num_chunks_before` / `num_chunks_after` neighbours.
+    Queries, in some order (for LSH: sorted), are cut into chunks of
+    `chunk_length`; chunk `u` attends to the `u`-th window of keys, `W`
+    times as long as a chunk (its neighbours, gathered by the caller).
 
     Args:
-        queries, keys, values: `(batch, heads, T, head_dim)` in sequence order
-            (for LSH: sorted order); keys already scaled.
-        positions: `(batch, heads, T)` int, each token's original position.
-        valid: `(batch, heads, T)` bool, False for padding.
+        queries: `(batch, heads, T, head_dim)`, `T` a multiple of
+            `chunk_length`.
+        keys, values: `(batch, heads, T * W, head_dim)`, keys already scaled:
+            window after window.
+        query_positions: `(batch, heads, T)` int, original positions.
+        key_positions: `(batch, heads, T * W)` int, original positions.
+        key_valid: `(batch, heads, T * W)` bool, False for padding.
         chunk_length: int.
-        num_chunks_before, num_chunks_after: int.
-        causal, mask_self: see `masked_scores`.
+        causal, mask_self, window: see `masked_scores`.
         dropout_fn: optional dropout on attention weights.
-        wrap_around: bool; the first chunk's preceding chunk is the last one
-            (LSH: the sorted sequence is cyclic). False masks such keys
-            (local attention: neighbours are neighbours in position).
-        ring_chunks: with `wrap_around`, None or `(batch,)` ints: the ring
-            closes after this many chunks, the rest hold only padding (see
-            `look_adjacent`).
 
     Returns:
         `(outputs, logsumexp)` of shapes `(batch, heads, T, head_dim)` and
@@ -181,20 +148,11 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
 
     def split(x):
         return ops.reshape(
-            x, (batch, heads, num_chunks, chunk_length) + tuple(ops.shape(x)[3:])
-        )
+            x, (batch, heads, num_chunks, -1) + tuple(ops.shape(x)[3:]))
 
-    def adjacent(x):
-        return look_adjacent(split(x), num_chunks_before, num_chunks_after,
-                             ring_chunks)
-
-    query_positions = split(positions)
-    key_positions = adjacent(positions)
-    key_valid = adjacent(valid)
-
-    window = None if wrap_around else (chunk_length, ops.repeat(
-        ops.arange(-num_chunks_before, num_chunks_after + 1, dtype="int32"),
-        chunk_length))
+    query_positions = split(query_positions)
+    key_positions = split(key_positions)
+    key_valid = split(key_valid)
 
     def mask_fn(scores):
         return masked_scores(
@@ -202,9 +160,7 @@ def chunked_attention(queries, keys, values, positions, valid, chunk_length,
             mask_self, window)
 
     outputs, logsumexp = attend(
-        split(queries), adjacent(keys), adjacent(values), mask_fn,
-        dropout_fn,
-    )
+        split(queries), split(keys), split(values), mask_fn, dropout_fn)
     outputs = ops.reshape(outputs, (batch, heads, length, head_dim))
     logsumexp = ops.reshape(logsumexp, (batch, heads, length))
     return outputs, logsumexp

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.chunked_attention import chunked_attention
+from keras_reformer.layers.chunked_attention import look_adjacent
 from keras_reformer.layers.key_value_attention import KeyValueAttention
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.validation import check_chunk_window
@@ -70,10 +71,27 @@ class LocalSelfAttention(KeyValueAttention):
         positions = ops.broadcast_to(
             ops.arange(padded_length, dtype="int32"), shape)
         key_valid = ops.broadcast_to(valid[:, None, :], shape)
+        num_chunks = padded_length // self.chunk_length
+
+        def windows(x):
+            chunks = ops.reshape(x, (batch, self.num_heads, num_chunks,
+                                     self.chunk_length) + tuple(x.shape[3:]))
+            adjacent = look_adjacent(chunks, self.num_chunks_before,
+                                     self.num_chunks_after)
+            return ops.reshape(adjacent, (batch, self.num_heads, -1)
+                               + tuple(x.shape[3:]))
+
+        # A neighbour that wrapped around (or repeats, with few chunks) is
+        # masked by its exact chunk offset.
+        offsets = ops.repeat(ops.arange(
+            -self.num_chunks_before, self.num_chunks_after + 1,
+            dtype="int32"), self.chunk_length)
+        queries, keys, values = projections
         outputs, _ = chunked_attention(
-            *projections, positions, key_valid, self.chunk_length,
-            self.num_chunks_before, self.num_chunks_after, self.causal,
-            mask_self=False, dropout_fn=dropout_fn, wrap_around=False)
+            queries, windows(keys), windows(values), positions,
+            windows(positions), windows(key_valid), self.chunk_length,
+            self.causal, mask_self=False, dropout_fn=dropout_fn,
+            window=(self.chunk_length, offsets))
         return self.merge_heads(outputs, valid)[:, :length], projections
 
     def get_config(self):

@@ -106,34 +106,33 @@ class LSHSelfAttention(SelfAttentionBase):
                 hashing.rotation_columns(self.resolved_num_buckets))
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
-        length = ops.shape(inputs)[1]
-        valid = padding_mask_or_ones(padding_mask, inputs)
-        inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
-        query_key = self.project(inputs, self.query_key_kernel)
-        values = self.project(inputs, self.value_kernel)
         if training:
             seed = draw_seed(seed, self.seed_generator)
             rotations = random_normal(
                 self._rotations_shape(), fold_seed(seed, 0))
         else:
             rotations = self.rotations
-        outputs, _, _ = self._attend_by_buckets(
-            query_key, values, valid, rotations,
+        outputs, _ = self._forward(
+            inputs, padding_mask_or_ones(padding_mask, inputs), rotations,
             self.dropout_fn(training, fold_seed(seed, 1) if training else None),
         )
-        return self.merge_heads(outputs, valid)[:, :length]
+        return outputs
 
     def prefill(self, inputs, prefix_length):
         """See `call_with_cache`. The cache holds the keys, the values, the
         bucket of every position and each round's positions in sorted
         order (the rotations are the fixed inference ones)."""
+        return self._forward(inputs, prefix_mask(inputs, prefix_length),
+                             self.rotations, None)
+
+    def _forward(self, inputs, valid, rotations, dropout_fn):
+        """Outputs `(batch, length, hidden)` and the decoding cache."""
         length = ops.shape(inputs)[1]
-        inputs, valid = pad_to_multiple(
-            inputs, prefix_mask(inputs, prefix_length), self.chunk_length)
+        inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
         query_key = self.project(inputs, self.query_key_kernel)
         values = self.project(inputs, self.value_kernel)
         outputs, buckets, order = self._attend_by_buckets(
-            query_key, values, valid, self.rotations, None)
+            query_key, values, valid, rotations, dropout_fn)
         cache = {"keys": shared_qk_keys(query_key), "values": values,
                  "buckets": buckets, "order": order}
         return self.merge_heads(outputs, valid)[:, :length], cache
@@ -244,24 +243,32 @@ class LSHSelfAttention(SelfAttentionBase):
                            (batch, heads, num_hashes * length))
         rounds = (layout.sources() // length)[:, None, :]
         redo = rounds * length + flat_positions
+        # Each chunk's window of keys (itself and its neighbours on the
+        # ring), gathered straight from the unsorted keys and values.
+        window, window_inverse = layout.windows(
+            self.num_chunks_before, self.num_chunks_after)
+        key_positions = ops.take_along_axis(
+            flat_positions, window[:, None, :], axis=2)
+        width = self.num_chunks_before + 1 + self.num_chunks_after
+        key_copies = ops.reshape(ops.take_along_axis(
+            window_inverse[:, None], undo[:, :, None, :], axis=3),
+            (batch, heads, width * num_hashes * length))
 
-        def gather(x):
-            return gather_rows(x, flat_positions, undo, copies=num_hashes)
+        def window_gather(x):
+            return gather_rows(x, key_positions, key_copies,
+                               copies=width * num_hashes)
 
-        sorted_query_key = gather(query_key)
         outputs, logsumexp = chunked_attention(
-            sorted_query_key,
-            shared_qk_keys(sorted_query_key),
-            gather(values),
+            gather_rows(query_key, flat_positions, undo, copies=num_hashes),
+            window_gather(shared_qk_keys(query_key)),
+            window_gather(values),
             flat_positions,
-            ops.take_along_axis(valid, flat_positions, axis=2),
+            key_positions,
+            ops.take_along_axis(valid, key_positions, axis=2),
             self.chunk_length,
-            self.num_chunks_before,
-            self.num_chunks_after,
             self.causal,
             mask_self=True,
             dropout_fn=dropout_fn,
-            ring_chunks=layout.ring_chunks,
         )
         # Back to the original order, then combine the rounds.
         outputs = ops.reshape(gather_rows(outputs, undo, redo),
@@ -340,6 +347,7 @@ class _RealChunksFirst:
         real_chunks = (num_real + chunk_length - 1) // chunk_length
         self.num_hashes = num_hashes
         self.length = length
+        self.chunk_length = chunk_length
         self.real_slots = (real_chunks * chunk_length)[:, None]
         self.ring_chunks = num_hashes * real_chunks
 
@@ -366,3 +374,42 @@ class _RealChunksFirst:
             slots < real, rounds * real + slots,
             self.num_hashes * real + rounds * (self.length - real)
             + slots - real)
+
+    def windows(self, num_chunks_before, num_chunks_after):
+        """The slots each chunk attends to, and where each slot is used.
+
+        Chunk `u` sees the chunks from `u - num_chunks_before` to
+        `u + num_chunks_after` on its ring: the `ring_chunks` real chunks
+        form one ring, the padding-only chunks another (their queries are
+        padding; a ring of their own keeps every slot in every part of the
+        windows exactly once, which the gathers' gradients rely on).
+
+        Returns:
+            `(window, inverse)`: `window` `(batch, num_chunks * width *
+            chunk_length)` int, the slot at each place of the windows
+            (window after window, each `width = 1 + before + after` chunks,
+            the earliest first); `inverse` `(batch, width, num_hashes *
+            length)` int, the place slot `s` takes in part `p` of a window.
+        """
+        chunk_length = self.chunk_length
+        num_chunks = self.num_hashes * self.length // chunk_length
+        ring = self.ring_chunks[:, None]
+        padding = num_chunks - ring
+        chunks = ops.arange(num_chunks, dtype="int32")[None]
+
+        def neighbours(offset):
+            return ops.where(
+                chunks < ring, (chunks + offset) % ops.maximum(ring, 1),
+                ring + (chunks - ring + offset) % ops.maximum(padding, 1))
+
+        offsets = range(-num_chunks_before, num_chunks_after + 1)
+        width = len(offsets)
+        within = ops.arange(chunk_length, dtype="int32")
+        window = ops.stack([neighbours(o) for o in offsets], axis=-1)
+        window = window[..., None] * chunk_length + within
+        # Slot s of chunk u is part p of the window of u's neighbour -p.
+        users = ops.stack([neighbours(-o) for o in offsets], axis=1)
+        parts = ops.arange(width, dtype="int32")[:, None, None]
+        inverse = (users[..., None] * width + parts) * chunk_length + within
+        return (ops.reshape(window, (-1, num_chunks * width * chunk_length)),
+                ops.reshape(inverse, (-1, width, num_chunks * chunk_length)))
