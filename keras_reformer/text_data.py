@@ -18,6 +18,7 @@ import sysconfig
 
 import keras
 import keras_hub
+import numpy as np
 import tensorflow as tf
 
 from keras_reformer.layers.validation import check_positive_int
@@ -253,10 +254,23 @@ def detokenize(token_ids):
         raise ValueError(
             f"token_ids must be byte ids in [0, {VOCABULARY_SIZE}); received "
             f"values from {min(ids)} to {max(ids)}.")
-    text = byte_tokenizer().detokenize(tf.constant(ids, tf.int32))
-    if isinstance(text, str):  # keras-hub's Python path
-        return text
-    return text.numpy().decode("utf-8")
+    return as_text(byte_tokenizer().detokenize(tf.constant(ids, tf.int32)))
+
+
+def as_text(detokenized):
+    """`str` from what a keras-hub tokenizer's `detokenize` returns: a
+    `str` (its Python path), `bytes` or a scalar string tensor. Invalid
+    UTF-8 becomes U+FFFD.
+
+    Example:
+    >>> as_text(tf.constant(b"hi"))
+    'hi'
+    """
+    if isinstance(detokenized, str):
+        return detokenized
+    if not isinstance(detokenized, (bytes, np.bytes_)):
+        detokenized = keras.ops.convert_to_numpy(detokenized).item()
+    return detokenized.decode("utf-8", "replace")
 
 
 def num_windows(data, sequence_length):

@@ -107,3 +107,11 @@ def test_detokenize_round_trips_utf8():
     text = "héllo → wörld"
     assert text_data.detokenize(text.encode("utf-8")) == text
     assert text_data.detokenize([104, 105]) == "hi"
+
+
+def test_as_text_takes_every_form_detokenize_returns():
+    import tensorflow as tf
+
+    assert text_data.as_text("h\u00e9") == "h\u00e9"
+    assert text_data.as_text(b"h\xc3\xa9") == "h\u00e9"
+    assert text_data.as_text(tf.constant(b"a\xffb")) == "a\ufffdb"

@@ -6,6 +6,7 @@ import numpy as np
 from keras import ops
 
 from keras_reformer.models.reformer_task import ReformerTask
+from keras_reformer.text_data import as_text
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -220,7 +221,8 @@ class ReformerCausalLM(ReformerTask):
                 outputs["padding_mask"], batch["padding_mask"] == 0)
         if not is_text:
             return outputs
-        texts = [_decode(self.preprocessor, ids[mask]) for ids, mask in
+        detokenize = self.preprocessor.tokenizer.detokenize
+        texts = [as_text(detokenize(ids[mask])) for ids, mask in
                  zip(outputs["token_ids"], outputs["padding_mask"])]
         return texts[0] if isinstance(inputs, str) else texts
 
@@ -294,10 +296,3 @@ def _before_stop(token_ids, prompt_mask, stop_token_ids):
         stops = ops.logical_or(stops, ops.equal(token_ids, stop))
     stops = ops.cast(ops.logical_and(stops, generated), "int32")
     return ops.cumsum(stops, axis=-1) - stops == 0
-
-
-def _decode(preprocessor, token_ids):
-    text = preprocessor.tokenizer.detokenize(token_ids)
-    text = ops.convert_to_numpy(text) if not isinstance(text, str) else text
-    return text.decode("utf-8", "replace") if isinstance(
-        text, (bytes, np.bytes_)) else str(text)
