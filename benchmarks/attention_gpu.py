@@ -5,6 +5,8 @@ Forward+backward of one attention layer, batch 1, `--heads` heads of 64,
 
 * `lsh`: our `LSHSelfAttention` under `jax.jit` (float32, or `--lsh-dtype
   bfloat16` for the mixed policy: bf16 inputs, float32 softmax);
+* `lsh_by_head`: the same with `parallel_heads=1` (one head at a time,
+  recomputed in the backward pass: less memory);
 * `flash`: `jax.nn.dot_product_attention` in bfloat16, cuDNN's fused kernel
   on a GPU (`implementation="cudnn"`; XLA's on a CPU);
 * `huggingface`: transformers' PyTorch `LSHSelfAttention` (float32), when
@@ -26,7 +28,7 @@ import json
 from isolated import median_seconds
 from isolated import run_single
 
-IMPLEMENTATIONS = ("lsh", "flash", "huggingface")
+IMPLEMENTATIONS = ("lsh", "lsh_by_head", "flash", "huggingface")
 
 
 def jax_peak_mib(compiled):
@@ -40,7 +42,7 @@ def jax_peak_mib(compiled):
             + analysis.output_size_in_bytes) / 2**20
 
 
-def measure_lsh(length, heads, repeats, dtype):
+def measure_lsh(length, heads, repeats, dtype, parallel_heads=None):
     import jax
     import keras
     import numpy as np
@@ -52,7 +54,7 @@ def measure_lsh(length, heads, repeats, dtype):
         "mixed_bfloat16" if dtype == "bfloat16" else "float32")
     hidden = heads * 64
     layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                             causal=True)
+                             causal=True, parallel_heads=parallel_heads)
     layer.build((1, length, hidden))
     x = jax.numpy.asarray(
         np.random.RandomState(0).randn(1, length, hidden), "float32")
@@ -125,6 +127,8 @@ def measure_huggingface(length, heads, repeats):
 def measure(implementation, length, heads, repeats, lsh_dtype):
     if implementation == "lsh":
         return measure_lsh(length, heads, repeats, lsh_dtype)
+    if implementation == "lsh_by_head":
+        return measure_lsh(length, heads, repeats, lsh_dtype, 1)
     if implementation == "flash":
         return measure_flash(length, heads, repeats)
     return measure_huggingface(length, heads, repeats)

@@ -18,6 +18,9 @@ Configurations:
 
     KERAS_BACKEND=jax python benchmarks/lm_step.py \\
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
+
+`--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
+recomputes it in the backward pass (less memory at long lengths).
 """
 
 import argparse
@@ -46,7 +49,7 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-def measure(name, length, repeats, layers):
+def measure(name, length, repeats, layers, parallel_heads):
     import keras
     import numpy as np
 
@@ -59,7 +62,8 @@ def measure(name, length, repeats, layers):
     config.setdefault("axial_shape", axial_shape_for(length))
     backbone = ReformerBackbone(
         vocabulary_size=256, chunk_length=64, causal=True,
-        feed_forward_chunk_length=64, seed=0, **config)
+        feed_forward_chunk_length=64, seed=0,
+        lsh_parallel_heads=parallel_heads or None, **config)
     lm = ReformerCausalLM(backbone)
     lm.compile(optimizer=keras.optimizers.Adam(1e-4),
                loss=keras.losses.SparseCategoricalCrossentropy(
@@ -95,12 +99,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=0,
                         help="keep only the first N layers (smoke tests)")
+    parser.add_argument("--lsh-parallel-heads", type=int, default=0,
+                        help="LSH heads at a time, recomputed in the "
+                        "backward pass (0: all at once)")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         name, length = args.single.split(":")
         print(json.dumps(measure(name, int(length), args.repeats,
-                                 args.layers)))
+                                 args.layers, args.lsh_parallel_heads)))
         return
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
@@ -109,9 +116,11 @@ def main():
                          f"{sorted(CONFIGURATIONS)}")
         result = run_single(__file__, run_spec,
                             ["--repeats", args.repeats, "--layers",
-                             args.layers], backend="jax")
+                             args.layers, "--lsh-parallel-heads",
+                             args.lsh_parallel_heads], backend="jax")
         line = {"benchmark": "lm_step", "configuration": name,
-                "length": int(length), "layers": args.layers or "all"}
+                "length": int(length), "layers": args.layers or "all",
+                "lsh_parallel_heads": args.lsh_parallel_heads or "all"}
         if "error" in result:
             line["error"] = result["error"]
         else:

@@ -228,6 +228,8 @@ def test_auto_num_buckets_from_static_length_at_build():
     ({"num_hashes": 0}, "num_hashes"),
     ({"causal": True, "num_chunks_after": 1}, "num_chunks_after"),
     ({"dropout": 1.0}, "dropout"),
+    ({"parallel_heads": 0}, "parallel_heads=0"),
+    ({"parallel_heads": 3}, "parallel_heads=3 with num_heads=2"),
 ])
 def test_bad_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -258,7 +260,7 @@ def test_half_precision_masks_are_finite_and_close(dtype):
 def test_config_round_trip():
     layer = LSHSelfAttention(2, 8, chunk_length=16, num_hashes=2,
                              num_buckets=(4, 8), causal=True, dropout=0.1,
-                             seed=3)
+                             seed=3, parallel_heads=1)
     clone = LSHSelfAttention.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
     x = inputs()

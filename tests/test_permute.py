@@ -13,6 +13,15 @@ from tests.helpers import assert_close
 from tests.helpers import value_and_grads
 
 
+def assert_same_value_and_grads(actual, expected):
+    """Equal `value_and_grads` results, with a non-zero input gradient."""
+    assert_close(actual[0], expected[0], atol=1e-4)
+    assert np.abs(actual[1]).max() > 0
+    assert_close(actual[1], expected[1], atol=1e-5)
+    for a, b in zip(actual[2], expected[2]):
+        assert_close(a, b, atol=1e-5)
+
+
 def test_gradient_equals_autodiff_of_take_along_axis():
     rng = np.random.RandomState(0)
     copies, rows = 3, 7
@@ -95,8 +104,66 @@ def test_lsh_gradients_equal_autodiff_with_padding_chunks(monkeypatch, causal,
 
     monkeypatch.setattr(lsh_self_attention, "gather_rows", plain_gather_rows)
     expected = value_and_grads(loss, x, layer.trainable_variables)
-    assert_close(actual[0], expected[0], atol=1e-5)
-    assert np.abs(actual[1]).max() > 0
-    assert_close(actual[1], expected[1], atol=1e-5)
-    for a, b in zip(actual[2], expected[2]):
-        assert_close(a, b, atol=1e-5)
+    assert_same_value_and_grads(actual, expected)
+
+
+def _grouped_and_whole(dropout=0.0):
+    """LSH layers with 4 heads computed 2 at a time and all at once, sharing
+    weights."""
+    kwargs = dict(num_heads=4, head_dim=8, chunk_length=4, num_hashes=2,
+                  num_buckets=4, causal=True, seed=1, dropout=dropout)
+    grouped = LSHSelfAttention(parallel_heads=2, **kwargs)
+    whole = LSHSelfAttention(**kwargs)
+    for layer in (grouped, whole):
+        layer.build((2, 29, 24))
+    whole.set_weights(grouped.get_weights())
+    return grouped, whole
+
+
+def _padded_inputs():
+    x = np.random.RandomState(2).randn(2, 29, 24).astype("float32")
+    mask = np.ones((2, 29), "int32")
+    mask[0, :9] = 0
+    return x, mask
+
+
+def test_head_groups_equal_all_heads_at_once():
+    grouped, whole = _grouped_and_whole()
+    x, mask = _padded_inputs()
+
+    def loss(layer):
+        return lambda x: ops.sum(layer(
+            x, padding_mask=mask, training=True, seed=seed_tensor(3)) ** 2)
+
+    actual = value_and_grads(loss(grouped), x, grouped.trainable_variables)
+    expected = value_and_grads(loss(whole), x, whole.trainable_variables)
+    assert_same_value_and_grads(actual, expected)
+
+
+def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
+        monkeypatch):
+    grouped, _ = _grouped_and_whole(dropout=0.3)
+    x, mask = _padded_inputs()
+
+    def loss(x):
+        return ops.sum(grouped(x, padding_mask=mask, training=True,
+                               seed=seed_tensor(3)) ** 2)
+
+    actual = value_and_grads(loss, x, grouped.trainable_variables)
+
+    def unrolled_groups(self, query_key, values, indices, dropout_seed):
+        # The same groups and dropout seeds, unrolled, under autodiff.
+        size, outputs = self.parallel_heads, []
+        for g in range(self.num_heads // size):
+            def heads(x):
+                return x[:, g * size:(g + 1) * size]
+            outputs.append(self._attend_sorted(
+                heads(query_key), heads(values), [heads(i) for i in indices],
+                dropout_seed + ops.cast(ops.stack([0, g]),
+                                        dropout_seed.dtype)))
+        return ops.concatenate(outputs, axis=1)
+
+    monkeypatch.setattr(LSHSelfAttention, "_attend_head_groups",
+                        unrolled_groups)
+    expected = value_and_grads(loss, x, grouped.trainable_variables)
+    assert_same_value_and_grads(actual, expected)

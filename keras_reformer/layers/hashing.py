@@ -70,17 +70,28 @@ def hash_vectors(vectors, rotations, num_buckets):
         `[0, total_buckets(num_buckets))`.
     """
     # Hash in float32 whatever the compute dtype: a half-precision argmax
-    # would move tokens between buckets.
-    rotated = ops.einsum(
-        "bhld,hdnr->bhnlr",
-        ops.cast(ops.stop_gradient(vectors), "float32"),
-        ops.cast(rotations, "float32"),
-    )
-    buckets, offset, product = 0, 0, 1
-    for factor in bucket_factors(num_buckets):
-        block = rotated[..., offset : offset + factor // 2]
-        ids = ops.argmax(ops.concatenate([block, -block], axis=-1), axis=-1)
-        buckets = buckets + product * ops.cast(ids, "int32")
-        offset += factor // 2
-        product *= factor
-    return buckets
+    # would move tokens between buckets. One round at a time, so that only
+    # one round's rotated vectors exist at once (long sequences).
+    vectors = ops.cast(ops.stop_gradient(vectors), "float32")
+    rotations = ops.cast(rotations, "float32")
+    rounds = []
+    for index in range(rotations.shape[2]):
+        rotated = ops.einsum("bhld,hdr->bhlr", vectors,
+                             rotations[:, :, index])
+        buckets, offset, product = 0, 0, 1
+        for factor in bucket_factors(num_buckets):
+            block = rotated[..., offset : offset + factor // 2]
+            buckets = buckets + product * _argmax_of_both_signs(block)
+            offset += factor // 2
+            product *= factor
+        rounds.append(buckets)
+    return ops.stack(rounds, axis=2)
+
+
+def _argmax_of_both_signs(block):
+    """`argmax(concatenate([block, -block], -1), -1)` without the copy: the
+    first maximum is in `block` unless `-block` holds a larger one."""
+    highest = ops.cast(ops.argmax(block, axis=-1), "int32")
+    lowest = ops.cast(ops.argmin(block, axis=-1), "int32")
+    positive = ops.max(block, axis=-1) >= -ops.min(block, axis=-1)
+    return ops.where(positive, highest, lowest + block.shape[-1])

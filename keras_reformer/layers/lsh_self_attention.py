@@ -7,6 +7,8 @@ from keras_reformer.layers import hashing
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
+from keras_reformer.layers.custom_gradient import value_and_vjp
+from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
@@ -51,6 +53,11 @@ class LSHSelfAttention(SelfAttentionBase):
         num_chunks_after: int, following chunks each chunk attends to.
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds rotations and dropout.
+        parallel_heads: None (all heads at once) or an int dividing
+            `num_heads`: attend with this many heads at a time, and
+            recompute each group's attention in the backward pass instead of
+            storing it (much less memory for very long sequences, somewhat
+            more time).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
@@ -62,7 +69,8 @@ class LSHSelfAttention(SelfAttentionBase):
     def __init__(self, num_heads, head_dim, chunk_length=64, num_hashes=4,
                  num_buckets=None, causal=False, num_chunks_before=1,
                  num_chunks_after=0, dropout=0.0, seed=None,
-                 kernel_initializer="glorot_uniform", **kwargs):
+                 parallel_heads=None, kernel_initializer="glorot_uniform",
+                 **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=True, dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
@@ -70,6 +78,14 @@ class LSHSelfAttention(SelfAttentionBase):
         check_positive_int("num_hashes", num_hashes)
         check_chunk_window(causal, num_chunks_before, num_chunks_after)
         num_buckets = _check_num_buckets(num_buckets)
+        if parallel_heads is not None:
+            check_positive_int("parallel_heads", parallel_heads)
+            if num_heads % parallel_heads:
+                raise ValueError(
+                    "parallel_heads must divide num_heads; received "
+                    f"parallel_heads={parallel_heads} with "
+                    f"num_heads={num_heads}.")
+        self.parallel_heads = parallel_heads
         self.chunk_length = chunk_length
         self.num_hashes = num_hashes
         self.num_buckets = num_buckets
@@ -112,10 +128,11 @@ class LSHSelfAttention(SelfAttentionBase):
                 self._rotations_shape(), fold_seed(seed, 0))
         else:
             rotations = self.rotations
+        dropout_seed = fold_seed(seed, 1) if (
+            training and self.dropout > 0) else None
         outputs, _ = self._forward(
             inputs, padding_mask_or_ones(padding_mask, inputs), rotations,
-            self.dropout_fn(training, fold_seed(seed, 1) if training else None),
-        )
+            dropout_seed)
         return outputs
 
     def prefill(self, inputs, prefix_length):
@@ -125,14 +142,20 @@ class LSHSelfAttention(SelfAttentionBase):
         return self._forward(inputs, prefix_mask(inputs, prefix_length),
                              self.rotations, None)
 
-    def _forward(self, inputs, valid, rotations, dropout_fn):
+    def _forward(self, inputs, valid, rotations, dropout_seed):
         """Outputs `(batch, length, hidden)` and the decoding cache."""
         length = ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
         query_key = self.project(inputs, self.query_key_kernel)
         values = self.project(inputs, self.value_kernel)
-        outputs, buckets, order = self._attend_by_buckets(
-            query_key, values, valid, rotations, dropout_fn)
+        buckets, order, indices = self._sort_by_buckets(
+            query_key, valid, rotations)
+        if self._group_size() is None:
+            outputs = self._attend_sorted(
+                query_key, values, indices, dropout_seed)
+        else:
+            outputs = self._attend_head_groups(
+                query_key, values, indices, dropout_seed)
         cache = {"keys": shared_qk_keys(query_key), "values": values,
                  "buckets": buckets, "order": order}
         return self.merge_heads(outputs, valid)[:, :length], cache
@@ -205,21 +228,48 @@ class LSHSelfAttention(SelfAttentionBase):
         return ((rounds * capacity + within * chunk)[..., None]
                 + ops.arange(chunk, dtype="int32"))
 
-    def _attend_by_buckets(self, query_key, values, valid, rotations,
-                           dropout_fn):
-        """Attention of every round; returns outputs, buckets and orders.
+    def _group_size(self):
+        """Heads hashed and attended at a time, None for all at once."""
+        if self.parallel_heads is None or (
+                self.parallel_heads >= self.num_heads):
+            return None
+        return self.parallel_heads
+
+    def _hash(self, query_key, rotations):
+        """Bucket ids `(batch, heads, num_hashes, length)`, a group of heads
+        at a time when `parallel_heads` is set."""
+        num_buckets = self.resolved_num_buckets
+        group = self._group_size()
+        if group is None:
+            return hashing.hash_vectors(query_key, rotations, num_buckets)
+        batch, heads, length, _ = ops.shape(query_key)
+        rotations = ops.convert_to_tensor(rotations)  # not a Keras variable
+
+        def body(g, buckets):
+            group_rotations = ops.slice(
+                rotations, [g * group, 0, 0, 0],
+                (group,) + tuple(rotations.shape[1:]))
+            return ops.slice_update(buckets, [0, g * group, 0, 0],
+                                    hashing.hash_vectors(
+                                        _heads(query_key, g * group, group),
+                                        group_rotations, num_buckets))
+
+        return ops.fori_loop(0, heads // group, body, ops.zeros(
+            (batch, heads, self.num_hashes, length), "int32"))
+
+    def _sort_by_buckets(self, query_key, valid, rotations):
+        """Hashes, sorts and lays out every round; integers only.
 
         Returns:
-            `(outputs, buckets, sorted_positions)`: `(batch, heads, length,
-            head_dim)`, and the bucket of each position and the positions in
-            sorted order per round, both `(batch, heads, num_hashes,
-            length)`.
+            `(buckets, sorted_positions, indices)`: the bucket of each
+            position and the positions in sorted order per round, both
+            `(batch, heads, num_hashes, length)`, and the index tensors
+            `_attend_sorted` takes.
         """
-        batch, heads, length, head_dim = ops.shape(query_key)
+        batch, heads, length, _ = ops.shape(query_key)
         num_hashes = self.num_hashes
         # Bucket ids per round; padding gets a bucket of its own (the last).
-        buckets = hashing.hash_vectors(
-            query_key, rotations, self.resolved_num_buckets)
+        buckets = self._hash(query_key, rotations)
         pad_bucket = hashing.total_buckets(self.resolved_num_buckets)
         valid = ops.broadcast_to(valid[:, None, :], (batch, heads, length))
         buckets = ops.where(valid[:, :, None, :], buckets, pad_bucket)
@@ -244,15 +294,35 @@ class LSHSelfAttention(SelfAttentionBase):
         rounds = (layout.sources() // length)[:, None, :]
         redo = rounds * length + flat_positions
         # Each chunk's window of keys (itself and its neighbours on the
-        # ring), gathered straight from the unsorted keys and values.
+        # ring), to be gathered straight from the unsorted keys and values.
         window, window_inverse = layout.windows(
             self.num_chunks_before, self.num_chunks_after)
         key_positions = ops.take_along_axis(
             flat_positions, window[:, None, :], axis=2)
-        width = self.num_chunks_before + 1 + self.num_chunks_after
         key_copies = ops.reshape(ops.take_along_axis(
             window_inverse[:, None], undo[:, :, None, :], axis=3),
-            (batch, heads, width * num_hashes * length))
+            (batch, heads, -1))
+        key_valid = ops.take_along_axis(valid, key_positions, axis=2)
+        indices = (flat_positions, undo, redo, key_positions, key_copies,
+                   key_valid)
+        return buckets, sorted_positions, indices
+
+    def _attend_sorted(self, query_key, values, indices, dropout_seed):
+        """Chunked attention of every round in sorted order, combined.
+
+        Args:
+            query_key, values: `(batch, heads, length, head_dim)`.
+            indices: from `_sort_by_buckets` (for the same heads).
+            dropout_seed: None (no dropout) or a seed tensor.
+
+        Returns:
+            `(batch, heads, length, head_dim)`.
+        """
+        flat_positions, undo, redo, key_positions, key_copies, key_valid = (
+            indices)
+        batch, heads, length, head_dim = ops.shape(query_key)
+        num_hashes = self.num_hashes
+        width = self.num_chunks_before + 1 + self.num_chunks_after
 
         def window_gather(x):
             return gather_rows(x, key_positions, key_copies,
@@ -264,19 +334,74 @@ class LSHSelfAttention(SelfAttentionBase):
             window_gather(values),
             flat_positions,
             key_positions,
-            ops.take_along_axis(valid, key_positions, axis=2),
+            key_valid,
             self.chunk_length,
             self.causal,
             mask_self=True,
-            dropout_fn=dropout_fn,
+            dropout_fn=self.dropout_fn(dropout_seed is not None, dropout_seed),
         )
         # Back to the original order, then combine the rounds.
         outputs = ops.reshape(gather_rows(outputs, undo, redo),
                               (batch, heads, num_hashes, length, head_dim))
         logsumexp = ops.reshape(gather_rows(logsumexp, undo, redo),
                                 (batch, heads, num_hashes, length))
-        return (_combine_rounds(outputs, logsumexp), buckets,
-                sorted_positions)
+        return _combine_rounds(outputs, logsumexp)
+
+    def _attend_head_groups(self, query_key, values, indices, dropout_seed):
+        """`_attend_sorted` over `parallel_heads` heads at a time.
+
+        Only one group's chunked scores, windows and sorted copies are
+        alive at once; the backward pass recomputes each group's attention
+        instead of storing it. Same arguments and result as
+        `_attend_sorted`.
+        """
+        group = self._group_size()
+        seed = ops.zeros((2,), "int32") if dropout_seed is None else (
+            dropout_seed)
+
+        def heads_of(x, g):
+            return _heads(x, g * group, group)
+
+        def attend_group(g, query_key, values, indices, seed):
+            """Group `g`'s outputs from its heads' `query_key`, `values`."""
+            group_seed = None if dropout_seed is None else (
+                seed + ops.cast(ops.stack([0, g]), seed.dtype))
+            return self._attend_sorted(
+                query_key, values, [heads_of(index, g) for index in indices],
+                group_seed)
+
+        def forward(query_key, values, seed, *indices):
+            def body(g, outputs):
+                return ops.slice_update(outputs, [0, g * group, 0, 0],
+                                        attend_group(g, heads_of(query_key, g),
+                                                     heads_of(values, g),
+                                                     indices, seed))
+
+            # `values * 0`, not `zeros_like`: see `ChunkedFeedForward`.
+            outputs = ops.fori_loop(
+                0, self.num_heads // group, body, values * 0)
+            return (outputs,), (query_key, values, seed, indices)
+
+        def backward(residuals, output_grads):
+            query_key, values, seed, indices = residuals
+
+            def body(g, grads):
+                _, group_grads = value_and_vjp(
+                    lambda q, v: (attend_group(g, q, v, indices, seed),),
+                    [heads_of(query_key, g), heads_of(values, g)],
+                    (heads_of(output_grads[0], g),))
+                return [ops.slice_update(grad, [0, g * group, 0, 0], update)
+                        for grad, update in zip(grads, group_grads)]
+
+            query_key_grad, values_grad = ops.fori_loop(
+                0, self.num_heads // group, body,
+                [query_key * 0, values * 0])
+            return (query_key_grad, values_grad, None) + (None,) * len(
+                indices)
+
+        run = with_custom_gradient(forward, backward)
+        (outputs,) = run(query_key, values, seed, *indices)
+        return outputs
 
     def get_config(self):
         config = super().get_config()
@@ -287,8 +412,17 @@ class LSHSelfAttention(SelfAttentionBase):
             "causal": self.causal,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
+            "parallel_heads": self.parallel_heads,
         })
         return config
+
+
+def _heads(x, start, count):
+    """Heads `start` to `start + count` of `x` `(batch, heads, ...)`;
+    `start` may be a tensor."""
+    shape = ops.shape(x)
+    return ops.slice(x, [0, start] + [0] * (len(shape) - 2),
+                     (shape[0], count) + tuple(shape[2:]))
 
 
 def _check_num_buckets(num_buckets):

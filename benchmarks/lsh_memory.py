@@ -1,0 +1,69 @@
+"""LSH attention's memory at very long lengths, all heads vs one at a time.
+
+XLA's own plan (JAX backend, `compiled.memory_analysis()`) for one
+forward+backward of `LSHSelfAttention` (batch 1, `--heads` heads of 64, 4
+hash rounds, chunk 64, causal, default buckets), compiled but not run, so
+lengths far beyond this machine's memory can be planned. Prints one JSON
+line per (length, parallel_heads): temporary bytes, and arguments plus
+outputs (the input, weights and their gradients). On a GPU the measured
+peak is in `attention_gpu.py`.
+
+    KERAS_BACKEND=jax python benchmarks/lsh_memory.py \\
+        --lengths 16384,65536,1048576
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+
+from keras_reformer.layers import LSHSelfAttention  # noqa: E402
+from keras_reformer.layers.seeds import seed_tensor  # noqa: E402
+
+
+def planned_gib(length, heads, parallel_heads):
+    """`(temporary, arguments + outputs)` GiB of the compiled step."""
+    layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
+                             causal=True, parallel_heads=parallel_heads)
+    layer.build((1, length, heads * 64))
+    variables = layer.trainable_variables
+
+    def loss(weights, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables,
+                                                         weights))):
+            outputs = layer(x, training=True, seed=seed_tensor(1))
+        return jax.numpy.sum(jax.numpy.square(outputs))
+
+    x = jax.ShapeDtypeStruct((1, length, heads * 64), "float32")
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        [v.value for v in variables], x).compile()
+    analysis = compiled.memory_analysis()
+    return (analysis.temp_size_in_bytes / 2**30,
+            (analysis.argument_size_in_bytes
+             + analysis.output_size_in_bytes) / 2**30)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="16384,65536,1048576")
+    parser.add_argument("--heads", type=int, default=8)
+    args = parser.parse_args()
+    for length in [int(n) for n in args.lengths.split(",")]:
+        for parallel_heads in (None, 1):
+            temporary, arguments = planned_gib(length, args.heads,
+                                               parallel_heads)
+            print(json.dumps({
+                "benchmark": "lsh_memory", "platform": jax.devices()[0].platform,
+                "length": length, "heads": args.heads,
+                "parallel_heads": parallel_heads or "all",
+                "temporary_gib": round(temporary, 3),
+                "arguments_and_outputs_gib": round(arguments, 3)}),
+                flush=True)
+
+
+if __name__ == "__main__":
+    main()
