@@ -3,7 +3,11 @@
 Uses XLA's own buffer assignment (JAX backend, `compiled.memory_analysis()`):
 the temporary bytes of a compiled gradient computation, excluding the
 arguments (weights, inputs) and outputs (gradients). Deterministic, so the
-numbers need no repetition. Prints one JSON line per configuration.
+numbers need no repetition. Prints one JSON line per configuration and
+kind: `reversible` (a `ReversibleStack` of LSH and feed-forward blocks),
+`plain` (the same blocks under ordinary autodiff) and `causal_lm` (a whole
+`ReformerCausalLM` of the same blocks: embeddings, stack, norm, LM head and
+loss, called in training mode as `fit` calls it).
 
     KERAS_BACKEND=jax python benchmarks/reversible_memory.py
 """
@@ -25,6 +29,8 @@ from keras_reformer.layers import ReversibleBlock  # noqa: E402
 from keras_reformer.layers import ReversibleStack  # noqa: E402
 from keras_reformer.layers.seeds import fold_seed  # noqa: E402
 from keras_reformer.layers.seeds import seed_tensor  # noqa: E402
+from keras_reformer.models import ReformerBackbone  # noqa: E402
+from keras_reformer.models import ReformerCausalLM  # noqa: E402
 
 
 def build_stack(depth, args):
@@ -67,6 +73,32 @@ def temp_bytes(stack, reversible, args):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def causal_lm_temp_bytes(depth, args):
+    backbone = ReformerBackbone(
+        vocabulary_size=256, hidden_dim=args.hidden, num_heads=args.heads,
+        head_dim=args.hidden // args.heads, intermediate_dim=4 * args.hidden,
+        attention_types=["lsh"] * depth,
+        axial_shape=(args.chunk, args.length // args.chunk),
+        chunk_length=args.chunk, num_hashes=args.hashes,
+        num_buckets=2 * args.length // args.chunk,
+        feed_forward_chunk_length=args.chunk, seed=0)
+    lm = ReformerCausalLM(backbone)
+    variables = lm.trainable_variables
+
+    def loss(values, token_ids):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            logits = lm({"token_ids": token_ids,
+                         "padding_mask": ops.ones_like(token_ids)},
+                        training=True)
+        return ops.mean(keras.losses.sparse_categorical_crossentropy(
+            token_ids, logits, from_logits=True))
+
+    token_ids = jax.ShapeDtypeStruct((1, args.length), "int32")
+    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+    compiled = jax.jit(jax.grad(loss)).lower(values, token_ids).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)
@@ -78,13 +110,14 @@ def main():
     args = parser.parse_args()
     for depth in [int(d) for d in args.depths.split(",")]:
         stack = build_stack(depth, args)
-        for reversible in (True, False):
+        sizes = {"reversible": lambda: temp_bytes(stack, True, args),
+                 "plain": lambda: temp_bytes(stack, False, args),
+                 "causal_lm": lambda: causal_lm_temp_bytes(depth, args)}
+        for kind, size in sizes.items():
             print(json.dumps({
                 "benchmark": "reversible_memory", "depth": depth,
-                "reversible": reversible, "length": args.length,
-                "hidden": args.hidden,
-                "temp_mib": round(temp_bytes(stack, reversible, args)
-                                  / 2**20, 2)}), flush=True)
+                "kind": kind, "length": args.length, "hidden": args.hidden,
+                "temp_mib": round(size() / 2**20, 2)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,30 @@ def test_jit_compile_gives_the_same_numbers(attention_types):
         assert_close(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_class", [ReformerCausalLM, ReformerBackbone])
+def test_training_flag_reaches_the_layers_inside(model_class):
+    """`training=True` (and `fit`) must reach the layers inside the nested
+    functional models: dropout, fresh LSH rotations and the reversible
+    stack's recomputing gradient all depend on it."""
+    x, y = batch(4)
+    kwargs = dict(attention_types=("lsh", "full"), dropout=0.5)
+    model = ReformerCausalLM(backbone(**kwargs)) if (
+        model_class is ReformerCausalLM) else backbone(**kwargs)
+    inference = to_numpy(model(x, training=False))
+    assert_close(to_numpy(model(x)), inference, atol=0)
+    assert np.abs(to_numpy(model(x, training=True)) - inference).max() > 0.1
+    if model_class is ReformerCausalLM:
+        # Learning rate 0: fit's loss is the training-mode loss of the same
+        # weights that evaluate sees in inference mode.
+        model.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        fit_loss = model.fit(x, y, batch_size=4, epochs=1,
+                             verbose=0).history["loss"][0]
+        evaluate_loss = model.evaluate(x, y, batch_size=4, verbose=0)
+        assert abs(fit_loss - evaluate_loss) > 0.05, (fit_loss, evaluate_loss)
+
+
 def test_lsh_one_head_at_a_time_trains_like_all_heads_under_xla():
     """`lsh_parallel_heads=1` (loops with recomputed gradients inside the
     reversible stack) gives the same training under XLA, with several steps

@@ -91,7 +91,10 @@ def hash_vectors(vectors, rotations, num_buckets):
 def _argmax_of_both_signs(block):
     """`argmax(concatenate([block, -block], -1), -1)` without the copy: the
     first maximum is in `block` unless `-block` holds a larger one."""
-    highest = ops.cast(ops.argmax(block, axis=-1), "int32")
-    lowest = ops.cast(ops.argmin(block, axis=-1), "int32")
-    positive = ops.max(block, axis=-1) >= -ops.min(block, axis=-1)
-    return ops.where(positive, highest, lowest + block.shape[-1])
+    highest = ops.cast(ops.argmax(block, axis=-1), "int32")[..., None]
+    lowest = ops.cast(ops.argmin(block, axis=-1), "int32")[..., None]
+    # Values at the arg-extremes rather than max/min reductions, which
+    # Keras refuses on an empty batch.
+    positive = ops.take_along_axis(block, highest, axis=-1) >= (
+        -ops.take_along_axis(block, lowest, axis=-1))
+    return ops.where(positive, highest, lowest + block.shape[-1])[..., 0]

@@ -11,15 +11,18 @@ class TokenInputsMixin:
     (int32), which would silently truncate an id such as 1.5 to 1. Integral
     values in a float dtype pass (Keras's own input pipelines may convert
     integer arrays to floats, for instance under `tf.distribute`).
+
+    `training` and `mask` are named in the signature: Keras passes the
+    training flag on to the layers inside only to a `call` that names it.
     """
 
-    def call(self, inputs, *args, **kwargs):
+    def call(self, inputs, training=None, mask=None):
         if isinstance(inputs, dict) and "token_ids" in inputs:
             token_ids = inputs["token_ids"]
             dtype = keras.backend.standardize_dtype(token_ids.dtype)
             if "float" in dtype:
                 inputs = dict(inputs, token_ids=_integral(token_ids, dtype))
-        return super().call(inputs, *args, **kwargs)
+        return super().call(inputs, training=training, mask=mask)
 
 
 def _integral(token_ids, dtype):
