@@ -20,7 +20,10 @@ Configurations:
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
 
 `--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
-recomputes it in the backward pass (less memory at long lengths).
+recomputes it in the backward pass (less memory at long lengths). `--plan`
+compiles each step without running it and reports XLA's planned memory
+(gradient buffers plus Adam's moments), so long lengths can be sized on a
+CPU.
 """
 
 import argparse
@@ -49,7 +52,7 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-def measure(name, length, repeats, layers, parallel_heads):
+def measure(name, length, repeats, layers, parallel_heads, plan=False):
     import keras
     import numpy as np
 
@@ -65,6 +68,9 @@ def measure(name, length, repeats, layers, parallel_heads):
         feed_forward_chunk_length=64, seed=0,
         lsh_parallel_heads=parallel_heads or None, **config)
     lm = ReformerCausalLM(backbone)
+    if plan:
+        return {"planned_mib": planned_mib(lm, length),
+                "parameters": lm.count_params()}
     lm.compile(optimizer=keras.optimizers.Adam(1e-4),
                loss=keras.losses.SparseCategoricalCrossentropy(
                    from_logits=True), jit_compile=True)
@@ -77,6 +83,33 @@ def measure(name, length, repeats, layers, parallel_heads):
     return {"seconds": seconds, "peak_mib": _peak_mib(),
             "loss": float(np.asarray(loss).ravel()[0]),
             "parameters": lm.count_params()}
+
+
+def planned_mib(lm, length):
+    """XLA's plan for the step, compiled and not run: the gradient
+    computation's temporary, argument and output buffers, plus Adam's two
+    float32 moments per weight (the update itself runs in place)."""
+    import jax
+    import keras
+    import numpy as np
+
+    variables = lm.trainable_variables
+
+    def loss(values, token_ids):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            logits = lm({"token_ids": token_ids,
+                         "padding_mask": keras.ops.ones_like(token_ids)},
+                        training=True)
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+            token_ids, logits, from_logits=True))
+
+    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+    token_ids = jax.ShapeDtypeStruct((1, length), "int32")
+    analysis = jax.jit(jax.grad(loss)).lower(
+        values, token_ids).compile().memory_analysis()
+    adam = 2 * 4 * sum(int(np.prod(v.shape)) for v in variables)
+    return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes + adam) / 2**20
 
 
 def _peak_mib():
@@ -102,12 +135,16 @@ def main():
     parser.add_argument("--lsh-parallel-heads", type=int, default=0,
                         help="LSH heads at a time, recomputed in the "
                         "backward pass (0: all at once)")
+    parser.add_argument("--plan", action="store_true",
+                        help="report XLA's planned memory (compile only, "
+                        "nothing runs) instead of timing steps")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         name, length = args.single.split(":")
         print(json.dumps(measure(name, int(length), args.repeats,
-                                 args.layers, args.lsh_parallel_heads)))
+                                 args.layers, args.lsh_parallel_heads,
+                                 args.plan)))
         return
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
@@ -117,12 +154,17 @@ def main():
         result = run_single(__file__, run_spec,
                             ["--repeats", args.repeats, "--layers",
                              args.layers, "--lsh-parallel-heads",
-                             args.lsh_parallel_heads], backend="jax")
+                             args.lsh_parallel_heads]
+                            + (["--plan"] if args.plan else []),
+                            backend="jax")
         line = {"benchmark": "lm_step", "configuration": name,
                 "length": int(length), "layers": args.layers or "all",
                 "lsh_parallel_heads": args.lsh_parallel_heads or "all"}
         if "error" in result:
             line["error"] = result["error"]
+        elif args.plan:
+            line.update(planned_gib=round(result["planned_mib"] / 1024, 2),
+                        parameters=result["parameters"])
         else:
             line.update(step_s=round(result["seconds"], 3),
                         peak_mib=round(result["peak_mib"], 1),
