@@ -26,7 +26,8 @@ def test_batches_have_the_0w0w_structure():
 def test_lsh_reformer_learns_to_copy():
     args = duplication_task.parse_args([
         "--length", "32", "--vocabulary-size", "8", "--steps", "300",
-        "--chunk-length", "8", "--hidden-dim", "64", "--eval-hashes", "1,4",
+        "--chunk-length", "8", "--hidden-dim", "64", "--num-heads", "2",
+        "--eval-hashes", "1,4",
         "--verbose", "0"])
     results = {r["eval_hashes"]: r["accuracy"]
                for r in duplication_task.run(args)}
