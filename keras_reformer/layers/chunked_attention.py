@@ -1,8 +1,9 @@
 """Attention inside chunks of a (possibly sorted) sequence, and its masks.
 
 Shared by LSH attention (chunks of the bucket-sorted sequence), local
-attention (chunks in order) and full attention (masks and softmax). Masks always use *original* token positions, so the
-same rules hold whatever order the tokens were sorted into:
+attention (chunks in order) and full attention (masks and softmax). Masks
+always use *original* token positions, so the same rules hold whatever order
+the tokens were sorted into:
 
 * causal: a query never sees a key at a later position;
 * padding: a query never sees a padded key;
