@@ -1,7 +1,8 @@
 """The Reformer paper's duplication task: copy a random sequence, 0w0w.
 
 Each example is `0 w 0 w` with `w` random symbols from `1..vocabulary-1`; a
-one-layer causal Reformer LM (the paper's width 256 and 4 heads) learns to predict the second copy of `w`, which
+one-layer causal Reformer LM (the paper's width 256 and 4 heads; a learned
+embedding per position) learns to predict the second copy of `w`, which
 needs attention from each position to its twin half a sequence back. After
 training with `--train-hashes` rounds it reports next-token accuracy on the
 second half with each of `--eval-hashes` rounds (the paper's table: trained
@@ -40,13 +41,13 @@ def duplication_batch(rng, batch_size, length, vocabulary_size):
 
 
 def build_model(args, num_hashes):
-    rows = 2 ** (int(np.log2(args.length)) // 2)
+    rows = -(-args.length // args.axial_columns)
     backbone = ReformerBackbone(
         vocabulary_size=args.vocabulary_size, hidden_dim=args.hidden_dim,
         num_heads=args.num_heads, head_dim=args.hidden_dim // args.num_heads,
         intermediate_dim=2 * args.hidden_dim,
-        attention_types=[args.attention], axial_shape=(rows,
-                                                       args.length // rows),
+        attention_types=[args.attention],
+        axial_shape=(rows, args.axial_columns),
         chunk_length=args.chunk_length, num_hashes=num_hashes,
         num_buckets=args.num_buckets, causal=True, seed=args.seed)
     model = ReformerCausalLM(backbone)
@@ -118,6 +119,12 @@ def parse_args(argv=None):
                         default="lsh")
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument(
+        "--axial-columns", type=int, default=1,
+        help="columns of the axial position grid; 1 (default) gives each "
+        "position its own learned embedding (unfactorised); more "
+        "columns factorise positions into rows x columns, which a one-layer "
+        "shared-QK model cannot shift by half a sequence (BENCHMARKS.md)")
     parser.add_argument("--chunk-length", type=int, default=16)
     parser.add_argument("--num-buckets", type=int, default=None)
     parser.add_argument("--train-hashes", type=int, default=4)
@@ -135,6 +142,9 @@ def parse_args(argv=None):
     if args.length % 2 or args.length < 8:
         parser.error(f"--length must be even and at least 8; received "
                      f"{args.length}.")
+    if not 1 <= args.axial_columns <= args.length:
+        parser.error(f"--axial-columns must be between 1 and --length "
+                     f"({args.length}); received {args.axial_columns}.")
     return args
 
 

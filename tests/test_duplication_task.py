@@ -31,7 +31,8 @@ def test_lsh_reformer_learns_to_copy():
         "--verbose", "0"])
     results = {r["eval_hashes"]: r["accuracy"]
                for r in duplication_task.run(args)}
-    chance = 1 / 7
-    # Measured: 0.94 with 4 rounds after 300 steps (about 15 s).
-    assert results[4] > 0.7 > 4 * chance
-    assert results[1] > 2 * chance
+    # Measured with seeds 0, 1, 2: 1.0 with 4 rounds, 0.88 to 0.96 with one
+    # (about 30 s). The paper: near-perfect with 4 rounds, and more rounds
+    # at evaluation help.
+    assert results[4] >= 0.97
+    assert 0.6 < results[1] <= results[4]
