@@ -12,9 +12,10 @@ Configurations:
   (4 hashes, chunk 64), causal, reversible;
 * `enwik8`: 12 layers, d_model 1024, d_ff 4096, 8 heads, local, local, LSH,
   local repeated (Hugging Face's enwik8 pattern), chunk 64;
-* `crime_and_punishment`: 6 layers, d_model 256, d_ff 512, 2 heads of 128,
-  axial shape (512, 1024), buckets (64, 128), chunk 64, local and LSH
-  alternating (Hugging Face's advertised half-million-token model).
+* `crime_and_punishment`: 6 layers, d_model 256, d_ff 512, 2 heads of 64,
+  axial shape (512, 1024) of dims (64, 192), buckets (64, 128), chunk 64,
+  local and LSH alternating, 320 tokens (Hugging Face's advertised
+  half-million-token model, `google/reformer-crime-and-punishment`).
 
     KERAS_BACKEND=jax python benchmarks/lm_step.py \\
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
@@ -41,9 +42,10 @@ CONFIGURATIONS = {
         attention_types=["local", "local", "lsh", "local"] * 3,
         num_hashes=4),
     "crime_and_punishment": dict(
-        hidden_dim=256, intermediate_dim=512, num_heads=2, head_dim=128,
+        hidden_dim=256, intermediate_dim=512, num_heads=2, head_dim=64,
         attention_types=["local", "lsh"] * 3, num_hashes=1,
-        num_buckets=(64, 128), axial_shape=(512, 1024)),
+        num_buckets=(64, 128), axial_shape=(512, 1024), axial_dims=(64, 192),
+        vocabulary_size=320),
 }
 
 
@@ -63,8 +65,9 @@ def measure(name, length, repeats, layers, parallel_heads, plan=False):
     if layers:
         config["attention_types"] = config["attention_types"][:layers]
     config.setdefault("axial_shape", axial_shape_for(length))
+    config.setdefault("vocabulary_size", 256)
     backbone = ReformerBackbone(
-        vocabulary_size=256, chunk_length=64, causal=True,
+        chunk_length=64, causal=True,
         feed_forward_chunk_length=64, seed=0,
         lsh_parallel_heads=parallel_heads or None, **config)
     lm = ReformerCausalLM(backbone)
@@ -74,7 +77,8 @@ def measure(name, length, repeats, layers, parallel_heads, plan=False):
     lm.compile(optimizer=keras.optimizers.Adam(1e-4),
                loss=keras.losses.SparseCategoricalCrossentropy(
                    from_logits=True), jit_compile=True)
-    ids = np.random.RandomState(0).randint(0, 256, (1, length + 1))
+    ids = np.random.RandomState(0).randint(
+        0, config["vocabulary_size"], (1, length + 1))
     x = {"token_ids": ids[:, :-1].astype("int32"),
          "padding_mask": np.ones((1, length), "int32")}
     y = ids[:, 1:].astype("int32")

@@ -107,3 +107,25 @@ def tensor_values(variables):
     reject), and gradients flow through it back to the variable.
     """
     return [keras.ops.copy(v.value) for v in variables]
+
+
+def after(x, tensors):
+    """`tensors` plus a zero computed from `x`: a sequencing hint for XLA.
+
+    Work on the returned tensors cannot start before `x` exists. XLA would
+    otherwise run work that depends on weights alone (broadcasting a norm's
+    scale, say) or on forward values alone (recomputation in a backward
+    pass) as early as it can, or merge it with the identical forward
+    computation, and keep the results alive until they are used.
+
+    Args:
+        x: a tensor.
+        tensors: list of tensors; non-float ones are returned unchanged.
+
+    Returns:
+        A list of tensors equal to `tensors`.
+    """
+    zero = keras.ops.cast(keras.ops.sum(x[(slice(0, 1),) * len(x.shape)]),
+                          "float32") * 0.0
+    return [t + keras.ops.cast(zero, t.dtype)
+            if keras.backend.is_float_dtype(t.dtype) else t for t in tensors]

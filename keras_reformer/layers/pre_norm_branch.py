@@ -4,6 +4,8 @@ import inspect
 
 import keras
 
+from keras_reformer.layers.layer_norm import LeanLayerNormalization
+
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class PreNormBranch(keras.layers.Layer):
@@ -27,8 +29,7 @@ class PreNormBranch(keras.layers.Layer):
         super().__init__(**kwargs)
         self.layer = layer
         self.epsilon = epsilon
-        self.norm = keras.layers.LayerNormalization(epsilon=epsilon,
-                                                    name="norm")
+        self.norm = LeanLayerNormalization(epsilon=epsilon, name="norm")
         self._takes_padding_mask = "padding_mask" in inspect.signature(
             layer.call).parameters
 

@@ -11,6 +11,7 @@ make random rotations and dropout recompute identically.
 import keras
 from keras import ops
 
+from keras_reformer.layers.custom_gradient import after
 from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
@@ -219,8 +220,8 @@ def reversible_call(blocks, inputs, padding_mask, training, seed):
     def forward(x1, x2, padding_mask, seed, *weights):
         trainable, fixed = unflatten(weights)
         for i, block in enumerate(blocks):
-            trainable[2 * i] = _after(x2, trainable[2 * i])
-            trainable[2 * i + 1] = _after(x2, trainable[2 * i + 1])
+            trainable[2 * i] = after(x2, trainable[2 * i])
+            trainable[2 * i + 1] = after(x2, trainable[2 * i + 1])
             x1, x2 = block.forward(
                 x1, x2, padding_mask, True, fold_seed(seed, i),
                 stateless(block.f, trainable[2 * i], fixed[2 * i]),
@@ -231,13 +232,17 @@ def reversible_call(blocks, inputs, padding_mask, training, seed):
     def backward(residuals, output_grads):
         y1, y2, padding_mask, seed, weights = residuals
         dy1, dy2 = output_grads
+        # Recomputing the top block needs only y1, y2 and the weights; tie
+        # it to the output gradients so that it waits for the layers above
+        # to finish their backward pass (and free what they kept).
+        y1, y2 = after(dy1, after(dy2, [y1, y2]))
         trainable, fixed = unflatten(weights)
         weight_grads = [None] * len(branches)
         for i in reversed(range(len(blocks))):
             block_seed = fold_seed(seed, i)
             g_index, f_index = 2 * i + 1, 2 * i
-            trainable[f_index] = _after(y1, trainable[f_index])
-            trainable[g_index] = _after(y1, trainable[g_index])
+            trainable[f_index] = after(y1, trainable[f_index])
+            trainable[g_index] = after(y1, trainable[g_index])
             # y2 = x2 + g(y1): recompute g, recover x2, pull dy2 back.
             g_out, g_grads = _branch_vjp(
                 blocks[i].g, trainable[g_index], fixed[g_index], y1,
@@ -276,15 +281,6 @@ def _branch_vjp(branch, trainable_values, fixed_values, x, padding_mask, seed,
     (out,), grads = value_and_vjp(
         apply, [x, *trainable_values], (output_grad,))
     return out, grads
-
-
-def _after(x, weights):
-    """`weights` plus a zero computed from `x`: work on the weights alone
-    (broadcasting a norm's scale, say) then cannot start before `x` exists,
-    so XLA does not run every block's share of it at once and keep it."""
-    zero = ops.cast(ops.sum(x[:1, :1, :1]), "float32") * 0.0
-    return [w + ops.cast(zero, w.dtype) if keras.backend.is_float_dtype(
-        w.dtype) else w for w in weights]
 
 
 def _branch_seed(seed, index):

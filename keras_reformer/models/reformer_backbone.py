@@ -6,6 +6,7 @@ from keras_reformer.layers import hashing
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.full_self_attention import FullSelfAttention
+from keras_reformer.layers.layer_norm import LeanLayerNormalization
 from keras_reformer.layers.linformer_self_attention import SHARING_MODES
 from keras_reformer.layers.linformer_self_attention import LinformerProjection
 from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
@@ -168,8 +169,8 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         x = keras.layers.Concatenate(name="duplicate")([x, x])
         x = ReversibleStack(blocks, seed=seed, name="reversible_stack")(
             x, padding_mask=padding_mask)
-        x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon,
-                                            name="final_norm")(x)
+        x = LeanLayerNormalization(epsilon=layer_norm_epsilon,
+                                   name="final_norm")(x)
         x = keras.layers.Dropout(dropout, name="final_dropout")(x)
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
