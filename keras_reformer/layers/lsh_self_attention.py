@@ -245,17 +245,28 @@ class LSHSelfAttention(SelfAttentionBase):
         batch, heads, length, _ = ops.shape(query_key)
         rotations = ops.convert_to_tensor(rotations)  # not a Keras variable
 
-        def body(g, buckets):
-            group_rotations = ops.slice(
-                rotations, [g * group, 0, 0, 0],
-                (group,) + tuple(rotations.shape[1:]))
-            return ops.slice_update(buckets, [0, g * group, 0, 0],
-                                    hashing.hash_vectors(
-                                        _heads(query_key, g * group, group),
-                                        group_rotations, num_buckets))
+        def hash_group(g):
+            return [hashing.hash_vectors(_heads(query_key, g * group, group),
+                                         _heads(rotations, g * group, group,
+                                                axis=0),
+                                         num_buckets)]
 
-        return ops.fori_loop(0, heads // group, body, ops.zeros(
-            (batch, heads, self.num_hashes, length), "int32"))
+        (buckets,) = self._fill_by_head_groups(hash_group, [ops.zeros(
+            (batch, heads, self.num_hashes, length), "int32")])
+        return buckets
+
+    def _fill_by_head_groups(self, group_results, initial):
+        """Runs `group_results(g)` for each group `g` of `parallel_heads`
+        heads in a loop and writes its tensors into those heads' slices of
+        `initial` (a list of `(batch, heads, ...)` tensors)."""
+        group = self._group_size()
+
+        def body(g, results):
+            return [ops.slice_update(
+                result, [0, g * group] + [0] * (len(result.shape) - 2),
+                update) for result, update in zip(results, group_results(g))]
+
+        return ops.fori_loop(0, self.num_heads // group, body, list(initial))
 
     def _sort_by_buckets(self, query_key, valid, rotations):
         """Hashes, sorts and lays out every round; integers only.
@@ -371,31 +382,25 @@ class LSHSelfAttention(SelfAttentionBase):
                 group_seed)
 
         def forward(query_key, values, seed, *indices):
-            def body(g, outputs):
-                return ops.slice_update(outputs, [0, g * group, 0, 0],
-                                        attend_group(g, heads_of(query_key, g),
-                                                     heads_of(values, g),
-                                                     indices, seed))
-
             # `values * 0`, not `zeros_like`: see `ChunkedFeedForward`.
-            outputs = ops.fori_loop(
-                0, self.num_heads // group, body, values * 0)
+            (outputs,) = self._fill_by_head_groups(
+                lambda g: [attend_group(g, heads_of(query_key, g),
+                                        heads_of(values, g), indices, seed)],
+                [values * 0])
             return (outputs,), (query_key, values, seed, indices)
 
         def backward(residuals, output_grads):
             query_key, values, seed, indices = residuals
 
-            def body(g, grads):
-                _, group_grads = value_and_vjp(
+            def group_grads(g):
+                _, grads = value_and_vjp(
                     lambda q, v: (attend_group(g, q, v, indices, seed),),
                     [heads_of(query_key, g), heads_of(values, g)],
                     (heads_of(output_grads[0], g),))
-                return [ops.slice_update(grad, [0, g * group, 0, 0], update)
-                        for grad, update in zip(grads, group_grads)]
+                return grads
 
-            query_key_grad, values_grad = ops.fori_loop(
-                0, self.num_heads // group, body,
-                [query_key * 0, values * 0])
+            query_key_grad, values_grad = self._fill_by_head_groups(
+                group_grads, [query_key * 0, values * 0])
             return (query_key_grad, values_grad, None) + (None,) * len(
                 indices)
 
@@ -417,12 +422,13 @@ class LSHSelfAttention(SelfAttentionBase):
         return config
 
 
-def _heads(x, start, count):
-    """Heads `start` to `start + count` of `x` `(batch, heads, ...)`;
-    `start` may be a tensor."""
-    shape = ops.shape(x)
-    return ops.slice(x, [0, start] + [0] * (len(shape) - 2),
-                     (shape[0], count) + tuple(shape[2:]))
+def _heads(x, start, count, axis=1):
+    """Heads `start` to `start + count` of `x`, whose heads are on `axis`
+    (`(batch, heads, ...)` by default); `start` may be a tensor."""
+    shape = list(ops.shape(x))
+    starts = [0] * len(shape)
+    starts[axis], shape[axis] = start, count
+    return ops.slice(x, starts, tuple(shape))
 
 
 def _check_num_buckets(num_buckets):
