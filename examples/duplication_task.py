@@ -14,6 +14,7 @@ and evaluated with 4 rounds, LSH attention copies almost perfectly).
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -80,7 +81,9 @@ def run(args):
                                     args.vocabulary_size)
 
     start = time.time()
-    model.fit(batches(), steps_per_epoch=args.steps, epochs=1,
+    # Up to ten "epochs" of the endless stream: a progress line each.
+    epochs = math.gcd(args.steps, 10)
+    model.fit(batches(), steps_per_epoch=args.steps // epochs, epochs=epochs,
               shuffle=False, verbose=args.verbose)
     train_seconds = time.time() - start
     eval_rng = np.random.RandomState(args.seed + 1)
