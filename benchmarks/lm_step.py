@@ -30,6 +30,7 @@ CPU.
 import argparse
 import json
 
+from isolated import lm_gradient_memory
 from isolated import median_seconds
 from isolated import run_single
 
@@ -93,25 +94,11 @@ def planned_mib(lm, length):
     """XLA's plan for the step, compiled and not run: the gradient
     computation's temporary, argument and output buffers, plus Adam's two
     float32 moments per weight (the update itself runs in place)."""
-    import jax
-    import keras
     import numpy as np
 
-    variables = lm.trainable_variables
-
-    def loss(values, token_ids):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            logits = lm({"token_ids": token_ids,
-                         "padding_mask": keras.ops.ones_like(token_ids)},
-                        training=True)
-        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-            token_ids, logits, from_logits=True))
-
-    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
-    token_ids = jax.ShapeDtypeStruct((1, length), "int32")
-    analysis = jax.jit(jax.grad(loss)).lower(
-        values, token_ids).compile().memory_analysis()
-    adam = 2 * 4 * sum(int(np.prod(v.shape)) for v in variables)
+    analysis = lm_gradient_memory(lm, length)
+    adam = 2 * 4 * sum(int(np.prod(v.shape))
+                       for v in lm.trainable_variables)
     return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
             + analysis.output_size_in_bytes + adam) / 2**20
 

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
+from isolated import lm_gradient_memory  # noqa: E402
 from keras_reformer.layers import ChunkedFeedForward  # noqa: E402
 from keras_reformer.layers import LSHSelfAttention  # noqa: E402
 from keras_reformer.layers import PreNormBranch  # noqa: E402
@@ -82,21 +83,8 @@ def causal_lm_temp_bytes(depth, args):
         chunk_length=args.chunk, num_hashes=args.hashes,
         num_buckets=2 * args.length // args.chunk,
         feed_forward_chunk_length=args.chunk, seed=0)
-    lm = ReformerCausalLM(backbone)
-    variables = lm.trainable_variables
-
-    def loss(values, token_ids):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            logits = lm({"token_ids": token_ids,
-                         "padding_mask": ops.ones_like(token_ids)},
-                        training=True)
-        return ops.mean(keras.losses.sparse_categorical_crossentropy(
-            token_ids, logits, from_logits=True))
-
-    token_ids = jax.ShapeDtypeStruct((1, args.length), "int32")
-    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
-    compiled = jax.jit(jax.grad(loss)).lower(values, token_ids).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return lm_gradient_memory(ReformerCausalLM(backbone),
+                              args.length).temp_size_in_bytes
 
 
 def main():
