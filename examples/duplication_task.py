@@ -6,7 +6,9 @@ embedding per position) learns to predict the second copy of `w`, which
 needs attention from each position to its twin half a sequence back. After
 training with `--train-hashes` rounds it reports next-token accuracy on the
 second half with each of `--eval-hashes` rounds (the paper's table: trained
-and evaluated with 4 rounds, LSH attention copies almost perfectly).
+and evaluated with 4 rounds, LSH attention copies almost perfectly). A model
+trained with exact shared-QK attention (`--attention full_shared_qk`, the
+paper's "full attention" row) is evaluated with itself and then with LSH.
 
     python examples/duplication_task.py   # CPU-sized: length 64, ~7 min
     python examples/duplication_task.py --length 1024 --steps 20000  # paper
@@ -41,13 +43,13 @@ def duplication_batch(rng, batch_size, length, vocabulary_size):
             targets.astype("int32"), weights)
 
 
-def build_model(args, num_hashes):
+def build_model(args, attention, num_hashes):
     rows = -(-args.length // args.axial_columns)
     backbone = ReformerBackbone(
         vocabulary_size=args.vocabulary_size, hidden_dim=args.hidden_dim,
         num_heads=args.num_heads, head_dim=args.hidden_dim // args.num_heads,
         intermediate_dim=2 * args.hidden_dim,
-        attention_types=[args.attention],
+        attention_types=[attention],
         axial_shape=(rows, args.axial_columns),
         chunk_length=args.chunk_length, num_hashes=num_hashes,
         num_buckets=args.num_buckets, causal=True, seed=args.seed)
@@ -73,7 +75,7 @@ def second_half_accuracy(model, batches):
 def run(args):
     keras.utils.set_random_seed(args.seed)
     rng = np.random.RandomState(args.seed)
-    model = build_model(args, args.train_hashes)
+    model = build_model(args, args.attention, args.train_hashes)
 
     def batches():
         while True:
@@ -90,36 +92,47 @@ def run(args):
     eval_batches = [duplication_batch(eval_rng, args.batch_size, args.length,
                                       args.vocabulary_size)
                     for _ in range(args.eval_batches)]
+    evaluations = [(args.attention, args.train_hashes)]
+    if args.attention == "lsh":
+        evaluations = [("lsh", n) for n in args.eval_hashes]
+    elif args.attention == "full_shared_qk":
+        evaluations += [("lsh", n) for n in args.eval_hashes]
     results = []
-    for num_hashes in args.eval_hashes:
+    for attention, num_hashes in evaluations:
         evaluated = model
-        if args.attention == "lsh" and num_hashes != args.train_hashes:
-            evaluated = build_model(args, num_hashes)
-            # Same weights; the rotations (one set per round) are drawn anew.
-            for target, source in zip(evaluated.weights, model.weights):
-                if "rotations" not in target.path:
-                    target.assign(source)
+        if (attention, num_hashes) != (args.attention, args.train_hashes):
+            evaluated = build_model(args, attention, num_hashes)
+            copy_weights(model, evaluated)
         result = {
             "task": "duplication", "attention": args.attention,
             "length": args.length, "train_hashes": args.train_hashes,
-            "eval_hashes": num_hashes, "steps": args.steps,
+            "eval_attention": attention, "eval_hashes": num_hashes,
+            "steps": args.steps,
             "accuracy": round(second_half_accuracy(evaluated, eval_batches),
                               4),
             "chance": round(1.0 / (args.vocabulary_size - 1), 4),
             "train_seconds": round(train_seconds, 1)}
         print(json.dumps(result), flush=True)
         results.append(result)
-        if args.attention != "lsh":
-            break
     return results
+
+
+def copy_weights(source, target):
+    """`source`'s trained weights into `target` by path; LSH rotations (one
+    set per round) stay `target`'s own, freshly drawn."""
+    trained = {w.path: w for w in source.weights}
+    for weight in target.weights:
+        if "rotations" not in weight.path:
+            weight.assign(trained[weight.path])
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--vocabulary-size", type=int, default=64)
-    parser.add_argument("--attention", choices=["lsh", "full", "local"],
-                        default="lsh")
+    parser.add_argument(
+        "--attention", choices=["lsh", "full_shared_qk", "full", "local"],
+        default="lsh")
     parser.add_argument("--hidden-dim", type=int, default=256)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument(

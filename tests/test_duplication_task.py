@@ -36,3 +36,19 @@ def test_lsh_reformer_learns_to_copy():
     # at evaluation help.
     assert results[4] >= 0.97
     assert 0.6 < results[1] <= results[4]
+
+
+def test_full_attention_model_is_evaluated_with_lsh_on_its_weights():
+    # One LSH chunk spans the sequence, so LSH evaluation of the trained
+    # shared-QK full-attention model must give exactly its own accuracy.
+    args = duplication_task.parse_args([
+        "--attention", "full_shared_qk", "--length", "32",
+        "--vocabulary-size", "8", "--steps", "300", "--chunk-length", "32",
+        "--hidden-dim", "64", "--num-heads", "2", "--eval-hashes", "1,2",
+        "--eval-batches", "2", "--verbose", "0"])
+    results = duplication_task.run(args)
+    assert [(r["eval_attention"], r["eval_hashes"]) for r in results] == [
+        ("full_shared_qk", 4), ("lsh", 1), ("lsh", 2)]
+    assert results[0]["accuracy"] > 0.9
+    for result in results[1:]:
+        assert result["accuracy"] == results[0]["accuracy"]

@@ -144,6 +144,26 @@ def test_lsh_one_head_at_a_time_trains_like_all_heads_under_xla():
         assert_close(a, b, atol=1e-5)
 
 
+def test_full_shared_qk_layers_take_lsh_weights_and_match_one_chunk():
+    """A "full_shared_qk" model has LSH's weights (rotations aside) and,
+    given an LSH model's, equals it where one LSH chunk spans the sequence."""
+    lsh = ReformerCausalLM(backbone(attention_types=("lsh", "lsh"),
+                                    chunk_length=LENGTH))
+    full = ReformerCausalLM(backbone(attention_types=("full_shared_qk",
+                                                     "full_shared_qk"),
+                                     chunk_length=LENGTH))
+    x, _ = batch(2)
+    lsh.predict(x, verbose=0)
+    full.predict(x, verbose=0)
+    lsh_weights = {w.path: w for w in lsh.weights
+                   if "rotations" not in w.path}
+    assert sorted(lsh_weights) == sorted(w.path for w in full.weights)
+    for weight in full.weights:
+        weight.assign(lsh_weights[weight.path])
+    assert_close(full.predict(x, verbose=0), lsh.predict(x, verbose=0),
+                 atol=1e-5)
+
+
 def test_lm_keras_file_round_trip(tmp_path):
     lm = compiled_lm(False, lsh_parallel_heads=1)
     x, y = batch(2)

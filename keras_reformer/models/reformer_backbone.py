@@ -19,7 +19,7 @@ from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.token_inputs import TokenInputsMixin
 
-ATTENTION_TYPES = ("lsh", "local", "full", "linformer")
+ATTENTION_TYPES = ("lsh", "local", "full", "full_shared_qk", "linformer")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -39,8 +39,11 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         num_heads: int, attention heads per layer.
         head_dim: int, size of each head.
         intermediate_dim: int, feed-forward width.
-        attention_types: list of "lsh", "local", "full" or "linformer", one
-            per layer (Linformer only when not causal).
+        attention_types: list of "lsh", "local", "full", "full_shared_qk"
+            or "linformer", one per layer (Linformer only when not causal).
+            "full_shared_qk" is exact attention with LSH's shared query/key
+            projection and self mask (the same weights as "lsh": a model
+            trained with one can be evaluated with the other).
         axial_shape: pair, axial position grid; its product is the maximum
             length.
         axial_dims: pair summing to `hidden_dim`; default half and half.
@@ -139,7 +142,9 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                     projected_length=projected_length_or_default,
                     sharing=linformer_sharing,
                     shared_projection=shared_projection, **common)
-            return FullSelfAttention(num_heads, head_dim, **common)
+            return FullSelfAttention(
+                num_heads, head_dim, shared_qk=kind == "full_shared_qk",
+                **common)
 
         blocks = [
             ReversibleBlock(
