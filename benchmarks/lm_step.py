@@ -21,7 +21,9 @@ Configurations:
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
 
 `--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
-recomputes it in the backward pass (less memory at long lengths). `--plan`
+recomputes it in the backward pass (less memory at long lengths);
+`--lsh-segments N` attends the sorted sequence in N runs of chunks, each
+recomputed in the backward pass (less again). `--plan`
 compiles each step without running it and reports XLA's planned memory
 (gradient buffers plus Adam's moments), so long lengths can be sized on a
 CPU.
@@ -55,7 +57,8 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-def measure(name, length, repeats, layers, parallel_heads, plan=False):
+def measure(name, length, repeats, layers, parallel_heads, segments=0,
+            plan=False):
     import keras
     import numpy as np
 
@@ -70,7 +73,8 @@ def measure(name, length, repeats, layers, parallel_heads, plan=False):
     backbone = ReformerBackbone(
         chunk_length=64, causal=True,
         feed_forward_chunk_length=64, seed=0,
-        lsh_parallel_heads=parallel_heads or None, **config)
+        lsh_parallel_heads=parallel_heads or None,
+        lsh_segments=segments or None, **config)
     lm = ReformerCausalLM(backbone)
     if plan:
         return {"planned_mib": planned_mib(lm, length),
@@ -126,6 +130,10 @@ def main():
     parser.add_argument("--lsh-parallel-heads", type=int, default=0,
                         help="LSH heads at a time, recomputed in the "
                         "backward pass (0: all at once)")
+    parser.add_argument("--lsh-segments", type=int, default=0,
+                        help="runs of sorted chunks each LSH layer attends "
+                        "one after another, recomputed in the backward "
+                        "pass (0: all at once)")
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "
                         "nothing runs) instead of timing steps")
@@ -135,7 +143,7 @@ def main():
         name, length = args.single.split(":")
         print(json.dumps(measure(name, int(length), args.repeats,
                                  args.layers, args.lsh_parallel_heads,
-                                 args.plan)))
+                                 args.lsh_segments, args.plan)))
         return
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
@@ -145,12 +153,14 @@ def main():
         result = run_single(__file__, run_spec,
                             ["--repeats", args.repeats, "--layers",
                              args.layers, "--lsh-parallel-heads",
-                             args.lsh_parallel_heads]
+                             args.lsh_parallel_heads, "--lsh-segments",
+                             args.lsh_segments]
                             + (["--plan"] if args.plan else []),
                             backend="jax")
         line = {"benchmark": "lm_step", "configuration": name,
                 "length": int(length), "layers": args.layers or "all",
-                "lsh_parallel_heads": args.lsh_parallel_heads or "all"}
+                "lsh_parallel_heads": args.lsh_parallel_heads or "all",
+                "lsh_segments": args.lsh_segments or 1}
         if "error" in result:
             line["error"] = result["error"]
         elif args.plan:

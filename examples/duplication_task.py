@@ -6,9 +6,9 @@ embedding per position) learns to predict the second copy of `w`, which
 needs attention from each position to its twin half a sequence back. After
 training with `--train-hashes` rounds it reports next-token accuracy on the
 second half with each of `--eval-hashes` rounds (the paper's table: trained
-and evaluated with 4 rounds, LSH attention copies almost perfectly). A model
-trained with exact shared-QK attention (`--attention full_shared_qk`, the
-paper's "full attention" row) is evaluated with itself and then with LSH.
+and evaluated with 4 rounds, LSH attention copies almost perfectly), and
+with exact shared-QK attention. `--attention full_shared_qk` trains the
+paper's "full attention" row instead, evaluated the same ways.
 
     python examples/duplication_task.py   # CPU-sized: length 64, ~7 min
     python examples/duplication_task.py --length 1024 --steps 20000  # paper
@@ -92,16 +92,19 @@ def run(args):
     eval_batches = [duplication_batch(eval_rng, args.batch_size, args.length,
                                       args.vocabulary_size)
                     for _ in range(args.eval_batches)]
-    evaluations = [(args.attention, args.train_hashes)]
-    if args.attention == "lsh":
-        evaluations = [("lsh", n) for n in args.eval_hashes]
-    elif args.attention == "full_shared_qk":
-        evaluations += [("lsh", n) for n in args.eval_hashes]
+    # The paper's table: a shared-QK model (LSH or full) is evaluated with
+    # full attention and with LSH at each number of rounds.
+    evaluations = [(args.attention, None)]
+    if args.attention in ("lsh", "full_shared_qk"):
+        evaluations = [("full_shared_qk", None)] + [
+            ("lsh", n) for n in args.eval_hashes]
     results = []
     for attention, num_hashes in evaluations:
         evaluated = model
-        if (attention, num_hashes) != (args.attention, args.train_hashes):
-            evaluated = build_model(args, attention, num_hashes)
+        if attention != args.attention or (
+                num_hashes not in (None, args.train_hashes)):
+            evaluated = build_model(args, attention,
+                                    num_hashes or args.train_hashes)
             copy_weights(model, evaluated)
         result = {
             "task": "duplication", "attention": args.attention,

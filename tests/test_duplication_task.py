@@ -30,7 +30,8 @@ def test_lsh_reformer_learns_to_copy():
         "--eval-hashes", "1,4",
         "--verbose", "0"])
     results = {r["eval_hashes"]: r["accuracy"]
-               for r in duplication_task.run(args)}
+               for r in duplication_task.run(args)
+               if r["eval_attention"] == "lsh"}
     # Measured with seeds 0, 1, 2: 1.0 with 4 rounds, 0.88 to 0.96 with one
     # (about 30 s). The paper: near-perfect with 4 rounds, and more rounds
     # at evaluation help.
@@ -48,7 +49,7 @@ def test_full_attention_model_is_evaluated_with_lsh_on_its_weights():
         "--eval-batches", "2", "--verbose", "0"])
     results = duplication_task.run(args)
     assert [(r["eval_attention"], r["eval_hashes"]) for r in results] == [
-        ("full_shared_qk", 4), ("lsh", 1), ("lsh", 2)]
+        ("full_shared_qk", None), ("lsh", 1), ("lsh", 2)]
     assert results[0]["accuracy"] > 0.9
     for result in results[1:]:
         assert result["accuracy"] == results[0]["accuracy"]

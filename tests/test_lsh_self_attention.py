@@ -260,7 +260,7 @@ def test_half_precision_masks_are_finite_and_close(dtype):
 def test_config_round_trip():
     layer = LSHSelfAttention(2, 8, chunk_length=16, num_hashes=2,
                              num_buckets=(4, 8), causal=True, dropout=0.1,
-                             seed=3, parallel_heads=1)
+                             seed=3, parallel_heads=1, segments=2)
     clone = LSHSelfAttention.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
     x = inputs()

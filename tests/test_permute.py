@@ -143,13 +143,6 @@ def test_head_groups_equal_all_heads_at_once():
 def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
         monkeypatch):
     grouped, _ = _grouped_and_whole(dropout=0.3)
-    x, mask = _padded_inputs()
-
-    def loss(x):
-        return ops.sum(grouped(x, padding_mask=mask, training=True,
-                               seed=seed_tensor(3)) ** 2)
-
-    actual = value_and_grads(loss, x, grouped.trainable_variables)
 
     def unrolled_groups(self, query_key, values, indices, dropout_seed):
         # The same groups and dropout seeds, unrolled, under autodiff.
@@ -163,7 +156,82 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
                                         dropout_seed.dtype)))
         return ops.concatenate(outputs, axis=1)
 
-    monkeypatch.setattr(LSHSelfAttention, "_attend_head_groups",
-                        unrolled_groups)
-    expected = value_and_grads(loss, x, grouped.trainable_variables)
+    assert_recomputed_gradient_equals_autodiff(
+        grouped, monkeypatch, "_attend_head_groups", unrolled_groups)
+
+
+def assert_recomputed_gradient_equals_autodiff(layer, monkeypatch, method,
+                                               unrolled):
+    """`layer`'s value and gradients (padded inputs, dropout seeded) equal
+    those with `LSHSelfAttention.<method>` replaced by `unrolled`, its
+    computation unrolled under plain autodiff."""
+    x, mask = _padded_inputs()
+
+    def loss(x):
+        return ops.sum(layer(x, padding_mask=mask, training=True,
+                             seed=seed_tensor(3)) ** 2)
+
+    actual = value_and_grads(loss, x, layer.trainable_variables)
+    monkeypatch.setattr(LSHSelfAttention, method, unrolled)
+    expected = value_and_grads(loss, x, layer.trainable_variables)
     assert_same_value_and_grads(actual, expected)
+
+
+def _segmented_and_whole(segments, dropout=0.0, parallel_heads=None):
+    """LSH layers attending the sorted sequence in `segments` runs and all
+    at once, sharing weights (29 tokens, chunks of 4: 16 chunks over the
+    2 rounds)."""
+    kwargs = dict(num_heads=4, head_dim=8, chunk_length=4, num_hashes=2,
+                  num_buckets=4, causal=True, seed=1, dropout=dropout,
+                  parallel_heads=parallel_heads)
+    segmented = LSHSelfAttention(segments=segments, **kwargs)
+    whole = LSHSelfAttention(**kwargs)
+    for layer in (segmented, whole):
+        layer.build((2, 29, 24))
+    whole.set_weights(segmented.get_weights())
+    return segmented, whole
+
+
+@pytest.mark.parametrize("segments,parallel_heads", [(4, None), (16, 2)])
+def test_segments_equal_the_whole_sorted_sequence(segments, parallel_heads):
+    segmented, whole = _segmented_and_whole(segments,
+                                            parallel_heads=parallel_heads)
+    x, mask = _padded_inputs()
+
+    def loss(layer):
+        return lambda x: ops.sum(layer(
+            x, padding_mask=mask, training=True, seed=seed_tensor(3)) ** 2)
+
+    actual = value_and_grads(loss(segmented), x,
+                             segmented.trainable_variables)
+    expected = value_and_grads(loss(whole), x, whole.trainable_variables)
+    assert_same_value_and_grads(actual, expected)
+    assert_close(segmented(x, padding_mask=mask),
+                 whole(x, padding_mask=mask), atol=1e-5)
+
+
+def test_segments_recomputed_gradient_equals_autodiff_with_dropout(
+        monkeypatch):
+    segmented, _ = _segmented_and_whole(4, dropout=0.3)
+
+    def unrolled_segments(self, query_key, values, layout, dropout_seed):
+        # The same runs and dropout seeds, unrolled, under autodiff.
+        run = ops.shape(layout[0])[2] // self.segments
+        results = [self._attend_run(s, run, query_key, values, layout,
+                                    dropout_seed)
+                   for s in range(self.segments)]
+        return tuple(ops.concatenate(parts, axis=2)
+                     for parts in zip(*results))
+
+    assert_recomputed_gradient_equals_autodiff(
+        segmented, monkeypatch, "_attend_segments", unrolled_segments)
+
+
+def test_segments_must_divide_the_chunks():
+    with pytest.raises(ValueError, match="segments=0"):
+        LSHSelfAttention(2, 8, segments=0)
+    layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=2,
+                             num_buckets=4, segments=3)
+    with pytest.raises(ValueError, match="segments=3 must divide the 16 "
+                       "chunks"):
+        layer(np.zeros((1, 29, 24), "float32"))

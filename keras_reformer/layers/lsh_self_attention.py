@@ -58,6 +58,11 @@ class LSHSelfAttention(SelfAttentionBase):
             recompute each group's attention in the backward pass instead of
             storing it (much less memory for very long sequences, somewhat
             more time).
+        segments: None (the whole sorted sequence at once) or an int
+            dividing the number of chunks (`num_hashes * padded length /
+            chunk_length`): attend that many equal runs of chunks one after
+            another, and recompute each run's attention in the backward pass;
+            the scores and key windows alive at once shrink by this factor.
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
@@ -69,8 +74,8 @@ class LSHSelfAttention(SelfAttentionBase):
     def __init__(self, num_heads, head_dim, chunk_length=64, num_hashes=4,
                  num_buckets=None, causal=False, num_chunks_before=1,
                  num_chunks_after=0, dropout=0.0, seed=None,
-                 parallel_heads=None, kernel_initializer="glorot_uniform",
-                 **kwargs):
+                 parallel_heads=None, segments=None,
+                 kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=True, dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
@@ -85,7 +90,10 @@ class LSHSelfAttention(SelfAttentionBase):
                     "parallel_heads must divide num_heads; received "
                     f"parallel_heads={parallel_heads} with "
                     f"num_heads={num_heads}.")
+        if segments is not None:
+            check_positive_int("segments", segments)
         self.parallel_heads = parallel_heads
+        self.segments = segments
         self.chunk_length = chunk_length
         self.num_hashes = num_hashes
         self.num_buckets = num_buckets
@@ -339,24 +347,133 @@ class LSHSelfAttention(SelfAttentionBase):
             return gather_rows(x, key_positions, key_copies,
                                copies=width * num_hashes)
 
-        outputs, logsumexp = chunked_attention(
-            gather_rows(query_key, flat_positions, undo, copies=num_hashes),
-            window_gather(shared_qk_keys(query_key)),
-            window_gather(values),
-            flat_positions,
-            key_positions,
-            key_valid,
-            self.chunk_length,
-            self.causal,
-            mask_self=True,
-            dropout_fn=self.dropout_fn(dropout_seed is not None, dropout_seed),
-        )
+        if self.segments is None:
+            outputs, logsumexp = chunked_attention(
+                gather_rows(query_key, flat_positions, undo,
+                            copies=num_hashes),
+                window_gather(shared_qk_keys(query_key)),
+                window_gather(values),
+                flat_positions,
+                key_positions,
+                key_valid,
+                self.chunk_length,
+                self.causal,
+                mask_self=True,
+                dropout_fn=self.dropout_fn(dropout_seed is not None,
+                                           dropout_seed),
+            )
+        else:
+            outputs, logsumexp = self._attend_segments(
+                query_key, values, (flat_positions, key_positions, key_valid),
+                dropout_seed)
         # Back to the original order, then combine the rounds.
         outputs = ops.reshape(gather_rows(outputs, undo, redo),
                               (batch, heads, num_hashes, length, head_dim))
         logsumexp = ops.reshape(gather_rows(logsumexp, undo, redo),
                                 (batch, heads, num_hashes, length))
         return _combine_rounds(outputs, logsumexp)
+
+    def _attend_segments(self, query_key, values, layout, dropout_seed):
+        """The sorted sequence's chunked attention, `segments` runs of
+        chunks one after another, each recomputed in the backward pass.
+
+        Args:
+            query_key, values: `(batch, heads, length, head_dim)`, unsorted.
+            layout: `(query_positions, key_positions, key_valid)`: the
+                position at each sorted slot `(batch, heads, slots)`, and
+                at each place of the chunks' key windows with its validity
+                `(batch, heads, slots * width)`.
+            dropout_seed: None (no dropout) or a seed tensor.
+
+        Returns:
+            `(outputs, logsumexp)` in sorted order: `(batch, heads, slots,
+            head_dim)` and `(batch, heads, slots)`.
+        """
+        batch, heads, slots = ops.shape(layout[0])
+        head_dim = ops.shape(values)[-1]
+        num_chunks = slots // self.chunk_length
+        if isinstance(num_chunks, int) and num_chunks % self.segments:
+            raise ValueError(
+                f"segments={self.segments} must divide the {num_chunks} "
+                f"chunks of the sorted sequence (num_hashes="
+                f"{self.num_hashes} rounds of {slots // self.num_hashes} "
+                f"padded positions, chunk_length={self.chunk_length}).")
+        run = slots // self.segments
+        seed = ops.zeros((2,), "int32") if dropout_seed is None else (
+            dropout_seed)
+
+        def forward(query_key, values, seed, *layout):
+            def body(s, results):
+                outputs, logsumexp = self._attend_run(
+                    s, run, query_key, values, layout,
+                    None if dropout_seed is None else seed)
+                return [ops.slice_update(results[0], [0, 0, s * run, 0],
+                                         outputs),
+                        ops.slice_update(results[1], [0, 0, s * run],
+                                         logsumexp)]
+
+            results = ops.fori_loop(0, self.segments, body, [
+                ops.zeros((batch, heads, slots, head_dim), values.dtype),
+                ops.zeros((batch, heads, slots), "float32")])
+            return tuple(results), (query_key, values, seed, layout)
+
+        def backward(residuals, output_grads):
+            query_key, values, seed, layout = residuals
+            outputs_grad, logsumexp_grad = output_grads
+            if logsumexp_grad is None:  # TensorFlow, one round: unused
+                logsumexp_grad = ops.zeros((batch, heads, slots), "float32")
+
+            def body(s, grads):
+                _, run_grads = value_and_vjp(
+                    lambda q, v: self._attend_run(
+                        s, run, q, v, layout,
+                        None if dropout_seed is None else seed),
+                    [query_key, values],
+                    (ops.slice(outputs_grad, [0, 0, s * run, 0],
+                               (batch, heads, run, head_dim)),
+                     ops.slice(logsumexp_grad, [0, 0, s * run],
+                               (batch, heads, run))))
+                return [g + r for g, r in zip(grads, run_grads)]
+
+            # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
+            grads = ops.fori_loop(0, self.segments, body,
+                                  [query_key * 0, values * 0])
+            return (*grads, None, None, None, None)
+
+        return with_custom_gradient(forward, backward)(
+            query_key, values, seed, *layout)
+
+    def _attend_run(self, s, run, query_key, values, layout, seed):
+        """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`:
+        its queries and key windows gathered from the unsorted `query_key`
+        and `values`, attended; dropout (if `seed` is not None) seeded per
+        run."""
+        query_positions, key_positions, key_valid = layout
+        width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
+
+        def part(x, size):
+            return ops.slice(x, [0, 0, s * size],
+                             tuple(ops.shape(x)[:2]) + (size,))
+
+        def rows(x, positions):
+            return ops.take_along_axis(x, positions[..., None], axis=2)
+
+        queries_at = part(query_positions, run)
+        keys_at = part(key_positions, run * width)
+        run_seed = None if seed is None else (
+            seed + ops.cast(ops.stack([s, 0]), seed.dtype))
+        return chunked_attention(
+            rows(query_key, queries_at),
+            shared_qk_keys(rows(query_key, keys_at)),
+            rows(values, keys_at),
+            queries_at,
+            keys_at,
+            part(key_valid, run * width),
+            self.chunk_length,
+            self.causal,
+            mask_self=True,
+            dropout_fn=self.dropout_fn(seed is not None, run_seed),
+        )
 
     def _attend_head_groups(self, query_key, values, indices, dropout_seed):
         """`_attend_sorted` over `parallel_heads` heads at a time.
@@ -418,6 +535,7 @@ class LSHSelfAttention(SelfAttentionBase):
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
             "parallel_heads": self.parallel_heads,
+            "segments": self.segments,
         })
         return config
 

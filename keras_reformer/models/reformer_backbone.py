@@ -56,6 +56,9 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         lsh_parallel_heads: None, or LSH heads hashed and attended at a
             time, recomputed in the backward pass (see `LSHSelfAttention`'s
             `parallel_heads`: less memory for very long sequences).
+        lsh_segments: None, or the runs of chunks each LSH layer attends
+            one after another, recomputed in the backward pass (see
+            `LSHSelfAttention`'s `segments`).
         num_chunks_before: int, chunks attended before (LSH and local).
         num_chunks_after: int, chunks attended after (0 when causal).
         projected_length: int, Linformer's `k`; None: `min(256, max length)`.
@@ -82,7 +85,8 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                  attention_types=("lsh", "full"), axial_shape=(64, 64),
                  axial_dims=None, causal=True, chunk_length=64,
                  local_chunk_length=None, num_hashes=4, num_buckets=None,
-                 lsh_parallel_heads=None, num_chunks_before=1, num_chunks_after=0,
+                 lsh_parallel_heads=None, lsh_segments=None,
+                 num_chunks_before=1, num_chunks_after=0,
                  projected_length=None, linformer_sharing="none",
                  feed_forward_chunk_length=64, activation="relu", dropout=0.0,
                  layer_norm_epsilon=1e-12, seed=None, **kwargs):
@@ -128,6 +132,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                     num_heads, head_dim, chunk_length=chunk_length,
                     num_hashes=num_hashes, num_buckets=resolved_buckets,
                     parallel_heads=lsh_parallel_heads,
+                    segments=lsh_segments,
                     num_chunks_before=num_chunks_before,
                     num_chunks_after=num_chunks_after, **common)
             if kind == "local":
@@ -195,6 +200,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         self.local_chunk_length = local_chunk_length
         self.num_hashes = num_hashes
         self.lsh_parallel_heads = lsh_parallel_heads
+        self.lsh_segments = lsh_segments
         self.num_buckets = num_buckets
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
@@ -260,6 +266,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
             "num_hashes": self.num_hashes,
             "num_buckets": self.num_buckets,
             "lsh_parallel_heads": self.lsh_parallel_heads,
+            "lsh_segments": self.lsh_segments,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
             "projected_length": self.projected_length,
