@@ -61,3 +61,12 @@ ids = np.random.RandomState(0).randint(1, 50, (8, 65)).astype("int32")
 x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((8, 64), "int32")}
 y = ids[:, 1:]
 """
+
+
+def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None):
+    """`chunked_attention.attention_in_runs` written as a plain loop: the
+    same runs and seeds under autodiff, no recomputation."""
+    run = keras.ops.shape(layout[0])[2] // runs
+    results = [attend_run(s, run, inputs, layout, seed) for s in range(runs)]
+    return tuple(keras.ops.concatenate(parts, axis=2)
+                 for parts in zip(*results))

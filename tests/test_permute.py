@@ -10,6 +10,7 @@ from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
+from tests.helpers import unrolled_runs
 from tests.helpers import value_and_grads
 
 
@@ -157,13 +158,13 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
         return ops.concatenate(outputs, axis=1)
 
     assert_recomputed_gradient_equals_autodiff(
-        grouped, monkeypatch, "_attend_head_groups", unrolled_groups)
+        grouped, lambda: monkeypatch.setattr(
+            LSHSelfAttention, "_attend_head_groups", unrolled_groups))
 
 
-def assert_recomputed_gradient_equals_autodiff(layer, monkeypatch, method,
-                                               unrolled):
+def assert_recomputed_gradient_equals_autodiff(layer, unroll):
     """`layer`'s value and gradients (padded inputs, dropout seeded) equal
-    those with `LSHSelfAttention.<method>` replaced by `unrolled`, its
+    those after `unroll()` replaces its recomputing loop with the same
     computation unrolled under plain autodiff."""
     x, mask = _padded_inputs()
 
@@ -172,7 +173,7 @@ def assert_recomputed_gradient_equals_autodiff(layer, monkeypatch, method,
                              seed=seed_tensor(3)) ** 2)
 
     actual = value_and_grads(loss, x, layer.trainable_variables)
-    monkeypatch.setattr(LSHSelfAttention, method, unrolled)
+    unroll()
     expected = value_and_grads(loss, x, layer.trainable_variables)
     assert_same_value_and_grads(actual, expected)
 
@@ -214,17 +215,9 @@ def test_segments_recomputed_gradient_equals_autodiff_with_dropout(
         monkeypatch):
     segmented, _ = _segmented_and_whole(4, dropout=0.3)
 
-    def unrolled_segments(self, query_key, values, layout, dropout_seed):
-        # The same runs and dropout seeds, unrolled, under autodiff.
-        run = ops.shape(layout[0])[2] // self.segments
-        results = [self._attend_run(s, run, query_key, values, layout,
-                                    dropout_seed)
-                   for s in range(self.segments)]
-        return tuple(ops.concatenate(parts, axis=2)
-                     for parts in zip(*results))
-
     assert_recomputed_gradient_equals_autodiff(
-        segmented, monkeypatch, "_attend_segments", unrolled_segments)
+        segmented, lambda: monkeypatch.setattr(
+            lsh_self_attention, "attention_in_runs", unrolled_runs))
 
 
 def test_segments_must_divide_the_chunks():

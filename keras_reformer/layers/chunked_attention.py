@@ -14,6 +14,9 @@ the tokens were sorted into:
 import keras
 from keras import ops
 
+from keras_reformer.layers.custom_gradient import value_and_vjp
+from keras_reformer.layers.custom_gradient import with_custom_gradient
+
 
 def mask_values(dtype):
     """Scores for masked keys: `(mask_value, self_mask_value)` for `dtype`.
@@ -165,3 +168,97 @@ def chunked_attention(queries, keys, values, query_positions, key_positions,
     outputs = ops.reshape(outputs, (batch, heads, length, head_dim))
     logsumexp = ops.reshape(logsumexp, (batch, heads, length))
     return outputs, logsumexp
+
+
+def take_rows(x, positions):
+    """`x` `(batch, heads, length, head_dim)` at `positions` `(batch, heads,
+    n)` along the length axis (plain autodiff: the gradient scatters)."""
+    return ops.take_along_axis(x, positions[..., None], axis=2)
+
+
+def run_of(x, s, size):
+    """Entries `s * size` to `(s + 1) * size` of `x` `(batch, heads, n)`."""
+    return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
+
+
+def run_seed(seed, s):
+    """Run `s`'s dropout seed from the layer's (None stays None)."""
+    return None if seed is None else (
+        seed + ops.cast(ops.stack([s, 0]), seed.dtype))
+
+
+def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
+                      seed=None):
+    """Chunked attention over `slots` query slots in `runs` equal runs of
+    chunks, one after another, each recomputed in the backward pass: the
+    scores and key windows alive at once shrink `runs`-fold.
+
+    Args:
+        attend_run: `attend_run(s, run, inputs, layout, seed)` returning
+            run `s`'s `(outputs, logsumexp)`, for query slots `s * run` to
+            `(s + 1) * run`: `(batch, heads, run, head_dim)` and `(batch,
+            heads, run)`; `seed` is None or the seed tensor.
+        inputs: list of float tensors `(batch, heads, length, head_dim)`
+            (the differentiated projections the runs gather from).
+        layout: list of integer or bool tensors (positions, validity), the
+            first `(batch, heads, slots)`, the query position at each slot.
+        runs: int dividing the `slots / chunk_length` chunks.
+        chunk_length: int.
+        seed: None (no dropout) or a seed tensor.
+
+    Returns:
+        `(outputs, logsumexp)`: `(batch, heads, slots, head_dim)` in the
+        dtype of `inputs[-1]`, and `(batch, heads, slots)` in float32.
+    """
+    batch, heads, slots = ops.shape(layout[0])
+    head_dim = ops.shape(inputs[-1])[-1]
+    num_chunks = slots // chunk_length
+    if isinstance(num_chunks, int) and num_chunks % runs:
+        raise ValueError(
+            f"segments={runs} must divide the {num_chunks} chunks attended "
+            f"({slots} query slots with chunk_length={chunk_length}).")
+    run = slots // runs
+    has_seed = seed is not None
+    seed = seed if has_seed else ops.zeros((2,), "int32")
+
+    def run_at(s, inputs, layout, seed):
+        return attend_run(s, run, inputs, layout, seed if has_seed else None)
+
+    num_inputs = len(inputs)
+
+    def forward(seed, *tensors):
+        inputs, layout = list(tensors[:num_inputs]), tensors[num_inputs:]
+
+        def body(s, results):
+            outputs, logsumexp = run_at(s, inputs, layout, seed)
+            return [ops.slice_update(results[0], [0, 0, s * run, 0],
+                                     outputs),
+                    ops.slice_update(results[1], [0, 0, s * run],
+                                     logsumexp)]
+
+        results = ops.fori_loop(0, runs, body, [
+            ops.zeros((batch, heads, slots, head_dim), inputs[-1].dtype),
+            ops.zeros((batch, heads, slots), "float32")])
+        return tuple(results), (seed, inputs, layout)
+
+    def backward(residuals, output_grads):
+        seed, inputs, layout = residuals
+        outputs_grad, logsumexp_grad = output_grads
+        if logsumexp_grad is None:  # TensorFlow, where it is unused
+            logsumexp_grad = ops.zeros((batch, heads, slots), "float32")
+
+        def body(s, grads):
+            _, run_grads = value_and_vjp(
+                lambda *inputs: run_at(s, list(inputs), layout, seed),
+                inputs,
+                (ops.slice(outputs_grad, [0, 0, s * run, 0],
+                           (batch, heads, run, head_dim)),
+                 ops.slice(logsumexp_grad, [0, 0, s * run],
+                           (batch, heads, run))))
+            return [g + r for g, r in zip(grads, run_grads)]
+
+        # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
+        grads = ops.fori_loop(0, runs, body, [x * 0 for x in inputs])
+        return (None, *grads) + (None,) * len(layout)
+
+    return with_custom_gradient(forward, backward)(seed, *inputs, *layout)

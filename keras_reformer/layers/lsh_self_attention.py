@@ -5,8 +5,12 @@ from keras import ops
 
 from keras_reformer.layers import hashing
 from keras_reformer.layers.chunked_attention import attend
+from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
+from keras_reformer.layers.chunked_attention import run_of
+from keras_reformer.layers.chunked_attention import run_seed
+from keras_reformer.layers.chunked_attention import take_rows
 from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.permute import gather_rows
@@ -374,105 +378,36 @@ class LSHSelfAttention(SelfAttentionBase):
         return _combine_rounds(outputs, logsumexp)
 
     def _attend_segments(self, query_key, values, layout, dropout_seed):
-        """The sorted sequence's chunked attention, `segments` runs of
-        chunks one after another, each recomputed in the backward pass.
-
-        Args:
-            query_key, values: `(batch, heads, length, head_dim)`, unsorted.
-            layout: `(query_positions, key_positions, key_valid)`: the
-                position at each sorted slot `(batch, heads, slots)`, and
-                at each place of the chunks' key windows with its validity
-                `(batch, heads, slots * width)`.
-            dropout_seed: None (no dropout) or a seed tensor.
-
-        Returns:
-            `(outputs, logsumexp)` in sorted order: `(batch, heads, slots,
-            head_dim)` and `(batch, heads, slots)`.
-        """
-        batch, heads, slots = ops.shape(layout[0])
-        head_dim = ops.shape(values)[-1]
-        num_chunks = slots // self.chunk_length
-        if isinstance(num_chunks, int) and num_chunks % self.segments:
-            raise ValueError(
-                f"segments={self.segments} must divide the {num_chunks} "
-                f"chunks of the sorted sequence (num_hashes="
-                f"{self.num_hashes} rounds of {slots // self.num_hashes} "
-                f"padded positions, chunk_length={self.chunk_length}).")
-        run = slots // self.segments
-        seed = ops.zeros((2,), "int32") if dropout_seed is None else (
-            dropout_seed)
-
-        def forward(query_key, values, seed, *layout):
-            def body(s, results):
-                outputs, logsumexp = self._attend_run(
-                    s, run, query_key, values, layout,
-                    None if dropout_seed is None else seed)
-                return [ops.slice_update(results[0], [0, 0, s * run, 0],
-                                         outputs),
-                        ops.slice_update(results[1], [0, 0, s * run],
-                                         logsumexp)]
-
-            results = ops.fori_loop(0, self.segments, body, [
-                ops.zeros((batch, heads, slots, head_dim), values.dtype),
-                ops.zeros((batch, heads, slots), "float32")])
-            return tuple(results), (query_key, values, seed, layout)
-
-        def backward(residuals, output_grads):
-            query_key, values, seed, layout = residuals
-            outputs_grad, logsumexp_grad = output_grads
-            if logsumexp_grad is None:  # TensorFlow, one round: unused
-                logsumexp_grad = ops.zeros((batch, heads, slots), "float32")
-
-            def body(s, grads):
-                _, run_grads = value_and_vjp(
-                    lambda q, v: self._attend_run(
-                        s, run, q, v, layout,
-                        None if dropout_seed is None else seed),
-                    [query_key, values],
-                    (ops.slice(outputs_grad, [0, 0, s * run, 0],
-                               (batch, heads, run, head_dim)),
-                     ops.slice(logsumexp_grad, [0, 0, s * run],
-                               (batch, heads, run))))
-                return [g + r for g, r in zip(grads, run_grads)]
-
-            # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
-            grads = ops.fori_loop(0, self.segments, body,
-                                  [query_key * 0, values * 0])
-            return (*grads, None, None, None, None)
-
-        return with_custom_gradient(forward, backward)(
-            query_key, values, seed, *layout)
+        """The sorted sequence's chunked attention in `segments` runs of
+        chunks (`attention_in_runs`), each run's queries and key windows
+        gathered from the unsorted `query_key` and `values`
+        `(batch, heads, length, head_dim)`; `layout` is `(query_positions,
+        key_positions, key_valid)` of the sorted slots and windows. Returns
+        `(outputs, logsumexp)` in sorted order."""
+        return attention_in_runs(
+            lambda s, run, inputs, layout, seed: self._attend_run(
+                s, run, *inputs, layout, seed),
+            [query_key, values], list(layout), self.segments,
+            self.chunk_length, dropout_seed)
 
     def _attend_run(self, s, run, query_key, values, layout, seed):
-        """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`:
-        its queries and key windows gathered from the unsorted `query_key`
-        and `values`, attended; dropout (if `seed` is not None) seeded per
-        run."""
+        """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`;
+        dropout (if `seed` is not None) seeded per run."""
         query_positions, key_positions, key_valid = layout
         width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
-
-        def part(x, size):
-            return ops.slice(x, [0, 0, s * size],
-                             tuple(ops.shape(x)[:2]) + (size,))
-
-        def rows(x, positions):
-            return ops.take_along_axis(x, positions[..., None], axis=2)
-
-        queries_at = part(query_positions, run)
-        keys_at = part(key_positions, run * width)
-        run_seed = None if seed is None else (
-            seed + ops.cast(ops.stack([s, 0]), seed.dtype))
+        queries_at = run_of(query_positions, s, run)
+        keys_at = run_of(key_positions, s, run * width)
         return chunked_attention(
-            rows(query_key, queries_at),
-            shared_qk_keys(rows(query_key, keys_at)),
-            rows(values, keys_at),
+            take_rows(query_key, queries_at),
+            shared_qk_keys(take_rows(query_key, keys_at)),
+            take_rows(values, keys_at),
             queries_at,
             keys_at,
-            part(key_valid, run * width),
+            run_of(key_valid, s, run * width),
             self.chunk_length,
             self.causal,
             mask_self=True,
-            dropout_fn=self.dropout_fn(seed is not None, run_seed),
+            dropout_fn=self.dropout_fn(seed is not None, run_seed(seed, s)),
         )
 
     def _attend_head_groups(self, query_key, values, indices, dropout_seed):
