@@ -7,6 +7,8 @@ Forward+backward of one attention layer, batch 1, `--heads` heads of 64,
   bfloat16` for the mixed policy: bf16 inputs, float32 softmax);
 * `lsh_by_head`: the same with `parallel_heads=1` (one head at a time,
   recomputed in the backward pass: less memory);
+* `lsh_by_run`: one head at a time and `segments=16` (each head's sorted
+  sequence in 16 runs of chunks, each recomputed: less again);
 * `flash`: `jax.nn.dot_product_attention` in bfloat16, cuDNN's fused kernel
   on a GPU (`implementation="cudnn"`; XLA's on a CPU);
 * `huggingface`: transformers' PyTorch `LSHSelfAttention` (float32), when
@@ -28,7 +30,7 @@ import json
 from isolated import median_seconds
 from isolated import run_single
 
-IMPLEMENTATIONS = ("lsh", "lsh_by_head", "flash", "huggingface")
+IMPLEMENTATIONS = ("lsh", "lsh_by_head", "lsh_by_run", "flash", "huggingface")
 
 
 def jax_peak_mib(compiled):
@@ -42,7 +44,8 @@ def jax_peak_mib(compiled):
             + analysis.output_size_in_bytes) / 2**20
 
 
-def measure_lsh(length, heads, repeats, dtype, parallel_heads=None):
+def measure_lsh(length, heads, repeats, dtype, parallel_heads=None,
+                segments=None):
     import jax
     import keras
     import numpy as np
@@ -54,7 +57,8 @@ def measure_lsh(length, heads, repeats, dtype, parallel_heads=None):
         "mixed_bfloat16" if dtype == "bfloat16" else "float32")
     hidden = heads * 64
     layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                             causal=True, parallel_heads=parallel_heads)
+                             causal=True, parallel_heads=parallel_heads,
+                             segments=segments)
     layer.build((1, length, hidden))
     x = jax.numpy.asarray(
         np.random.RandomState(0).randn(1, length, hidden), "float32")
@@ -129,6 +133,8 @@ def measure(implementation, length, heads, repeats, lsh_dtype):
         return measure_lsh(length, heads, repeats, lsh_dtype)
     if implementation == "lsh_by_head":
         return measure_lsh(length, heads, repeats, lsh_dtype, 1)
+    if implementation == "lsh_by_run":
+        return measure_lsh(length, heads, repeats, lsh_dtype, 1, 16)
     if implementation == "flash":
         return measure_flash(length, heads, repeats)
     return measure_huggingface(length, heads, repeats)
