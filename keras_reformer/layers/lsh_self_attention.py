@@ -385,14 +385,13 @@ class LSHSelfAttention(SelfAttentionBase):
         key_positions, key_valid)` of the sorted slots and windows. Returns
         `(outputs, logsumexp)` in sorted order."""
         return attention_in_runs(
-            lambda s, run, inputs, layout, seed: self._attend_run(
-                s, run, *inputs, layout, seed),
-            [query_key, values], list(layout), self.segments,
-            self.chunk_length, dropout_seed)
+            self._attend_run, [query_key, values], list(layout),
+            self.segments, self.chunk_length, dropout_seed)
 
-    def _attend_run(self, s, run, query_key, values, layout, seed):
+    def _attend_run(self, s, run, inputs, layout, seed):
         """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`;
         dropout (if `seed` is not None) seeded per run."""
+        query_key, values = inputs
         query_positions, key_positions, key_valid = layout
         width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
         queries_at = run_of(query_positions, s, run)
