@@ -181,12 +181,6 @@ def run_of(x, s, size):
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
 
 
-def run_seed(seed, s):
-    """Run `s`'s dropout seed from the layer's (None stays None)."""
-    return None if seed is None else (
-        seed + ops.cast(ops.stack([s, 0]), seed.dtype))
-
-
 def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
                       seed=None):
     """Chunked attention over `slots` query slots in `runs` equal runs of

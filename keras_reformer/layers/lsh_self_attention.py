@@ -9,7 +9,6 @@ from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
-from keras_reformer.layers.chunked_attention import run_seed
 from keras_reformer.layers.chunked_attention import take_rows
 from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
@@ -21,6 +20,7 @@ from keras_reformer.layers.self_attention_base import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
+from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.seeds import random_normal
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
@@ -406,7 +406,7 @@ class LSHSelfAttention(SelfAttentionBase):
             self.chunk_length,
             self.causal,
             mask_self=True,
-            dropout_fn=self.dropout_fn(seed is not None, run_seed(seed, s)),
+            dropout_fn=self.dropout_fn(seed is not None, offset_seed(seed, [s, 0])),
         )
 
     def _attend_head_groups(self, query_key, values, indices, dropout_seed):
@@ -426,8 +426,8 @@ class LSHSelfAttention(SelfAttentionBase):
 
         def attend_group(g, query_key, values, indices, seed):
             """Group `g`'s outputs from its heads' `query_key`, `values`."""
-            group_seed = None if dropout_seed is None else (
-                seed + ops.cast(ops.stack([0, g]), seed.dtype))
+            group_seed = None if dropout_seed is None else offset_seed(
+                seed, [0, g])
             return self._attend_sorted(
                 query_key, values, [heads_of(index, g) for index in indices],
                 group_seed)

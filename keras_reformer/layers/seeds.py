@@ -49,6 +49,14 @@ def fold_seed(seed, index):
     return ops.mod(seed + offset, ops.convert_to_tensor(2**31 - 1, seed.dtype))
 
 
+def offset_seed(seed, offsets):
+    """`seed` plus `offsets`, a pair of ints or integer tensors (loop
+    indices): the seed of one part of a loop; None stays None."""
+    if seed is None:
+        return None
+    return seed + ops.cast(ops.stack(offsets), seed.dtype)
+
+
 def draw_seed(seed, seed_generator):
     """`seed` if given, else one fresh draw from `seed_generator`."""
     if seed is not None:
