@@ -406,7 +406,8 @@ class LSHSelfAttention(SelfAttentionBase):
             self.chunk_length,
             self.causal,
             mask_self=True,
-            dropout_fn=self.dropout_fn(seed is not None, offset_seed(seed, [s, 0])),
+            dropout_fn=self.dropout_fn(seed is not None,
+                                       offset_seed(seed, [s, 0])),
         )
 
     def _attend_head_groups(self, query_key, values, indices, dropout_seed):
