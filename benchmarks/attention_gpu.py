@@ -9,6 +9,9 @@ Forward+backward of one attention layer, batch 1, `--heads` heads of 64,
   recomputed in the backward pass: less memory);
 * `lsh_by_run`: one head at a time and `segments=16` (each head's sorted
   sequence in 16 runs of chunks, each recomputed: less again);
+* `local`, `local_by_run`: `LocalSelfAttention` (chunk 64, one chunk of
+  look-back, the Hugging Face configurations' other layer), all chunks at
+  once and in 16 recomputed runs;
 * `flash`: `jax.nn.dot_product_attention` in bfloat16, cuDNN's fused kernel
   on a GPU (`implementation="cudnn"`; XLA's on a CPU);
 * `huggingface`: transformers' PyTorch `LSHSelfAttention` (float32), when
@@ -30,7 +33,8 @@ import json
 from isolated import median_seconds
 from isolated import run_single
 
-IMPLEMENTATIONS = ("lsh", "lsh_by_head", "lsh_by_run", "flash", "huggingface")
+IMPLEMENTATIONS = ("lsh", "lsh_by_head", "lsh_by_run", "local",
+                   "local_by_run", "flash", "huggingface")
 
 
 def jax_peak_mib(compiled):
@@ -44,21 +48,19 @@ def jax_peak_mib(compiled):
             + analysis.output_size_in_bytes) / 2**20
 
 
-def measure_lsh(length, heads, repeats, dtype, parallel_heads=None,
-                segments=None):
+def measure_layer(make_layer, length, heads, repeats, dtype):
+    """Forward+backward of the attention layer `make_layer(heads)` (heads of
+    64) on one random sequence, under `jax.jit`."""
     import jax
     import keras
     import numpy as np
 
-    from keras_reformer.layers import LSHSelfAttention
     from keras_reformer.layers.seeds import seed_tensor
 
     keras.config.set_dtype_policy(
         "mixed_bfloat16" if dtype == "bfloat16" else "float32")
     hidden = heads * 64
-    layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                             causal=True, parallel_heads=parallel_heads,
-                             segments=segments)
+    layer = make_layer(heads)
     layer.build((1, length, hidden))
     x = jax.numpy.asarray(
         np.random.RandomState(0).randn(1, length, hidden), "float32")
@@ -75,6 +77,21 @@ def measure_lsh(length, heads, repeats, dtype, parallel_heads=None,
     seconds = median_seconds(
         lambda: jax.block_until_ready(compiled(weights, x)), repeats)
     return seconds, jax_peak_mib(compiled)
+
+
+def lsh_layer(parallel_heads=None, segments=None):
+    from keras_reformer.layers import LSHSelfAttention
+
+    return lambda heads: LSHSelfAttention(
+        heads, 64, chunk_length=64, num_hashes=4, causal=True,
+        parallel_heads=parallel_heads, segments=segments)
+
+
+def local_layer(segments=None):
+    from keras_reformer.layers import LocalSelfAttention
+
+    return lambda heads: LocalSelfAttention(
+        heads, 64, chunk_length=64, causal=True, segments=segments)
 
 
 def measure_flash(length, heads, repeats):
@@ -129,15 +146,18 @@ def measure_huggingface(length, heads, repeats):
 
 
 def measure(implementation, length, heads, repeats, lsh_dtype):
-    if implementation == "lsh":
-        return measure_lsh(length, heads, repeats, lsh_dtype)
-    if implementation == "lsh_by_head":
-        return measure_lsh(length, heads, repeats, lsh_dtype, 1)
-    if implementation == "lsh_by_run":
-        return measure_lsh(length, heads, repeats, lsh_dtype, 1, 16)
     if implementation == "flash":
         return measure_flash(length, heads, repeats)
-    return measure_huggingface(length, heads, repeats)
+    if implementation == "huggingface":
+        return measure_huggingface(length, heads, repeats)
+    make_layer = {
+        "lsh": lsh_layer(),
+        "lsh_by_head": lsh_layer(parallel_heads=1),
+        "lsh_by_run": lsh_layer(parallel_heads=1, segments=16),
+        "local": local_layer(),
+        "local_by_run": local_layer(segments=16),
+    }[implementation]
+    return measure_layer(make_layer, length, heads, repeats, lsh_dtype)
 
 
 def main():

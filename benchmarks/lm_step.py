@@ -23,7 +23,8 @@ Configurations:
 `--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
 recomputes it in the backward pass (less memory at long lengths);
 `--lsh-segments N` attends the sorted sequence in N runs of chunks, each
-recomputed in the backward pass (less again). `--plan`
+recomputed in the backward pass (less again); `--local-segments N` does the
+same for local attention's chunks. `--plan`
 compiles each step without running it and reports XLA's planned memory
 (gradient buffers plus Adam's moments), so long lengths can be sized on a
 CPU.
@@ -57,8 +58,18 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-def measure(name, length, repeats, layers, parallel_heads, segments=0,
-            plan=False):
+# Command-line flags for the backbone's memory options (0: off).
+MEMORY_OPTIONS = {
+    "lsh_parallel_heads": "LSH heads at a time, recomputed in the backward "
+    "pass (0: all at once)",
+    "lsh_segments": "runs of sorted chunks each LSH layer attends one after "
+    "another, recomputed in the backward pass (0: all at once)",
+    "local_segments": "runs of chunks each local attention layer attends "
+    "one after another, recomputed in the backward pass (0: all at once)",
+}
+
+
+def measure(name, length, repeats, layers, memory_options, plan=False):
     import keras
     import numpy as np
 
@@ -73,8 +84,8 @@ def measure(name, length, repeats, layers, parallel_heads, segments=0,
     backbone = ReformerBackbone(
         chunk_length=64, causal=True,
         feed_forward_chunk_length=64, seed=0,
-        lsh_parallel_heads=parallel_heads or None,
-        lsh_segments=segments or None, **config)
+        **{key: value or None for key, value in memory_options.items()},
+        **config)
     lm = ReformerCausalLM(backbone)
     if plan:
         return {"planned_mib": planned_mib(lm, length),
@@ -127,23 +138,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=0,
                         help="keep only the first N layers (smoke tests)")
-    parser.add_argument("--lsh-parallel-heads", type=int, default=0,
-                        help="LSH heads at a time, recomputed in the "
-                        "backward pass (0: all at once)")
-    parser.add_argument("--lsh-segments", type=int, default=0,
-                        help="runs of sorted chunks each LSH layer attends "
-                        "one after another, recomputed in the backward "
-                        "pass (0: all at once)")
+    for option, text in MEMORY_OPTIONS.items():
+        parser.add_argument("--" + option.replace("_", "-"), type=int,
+                            default=0, help=text)
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "
                         "nothing runs) instead of timing steps")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    memory_options = {option: getattr(args, option)
+                      for option in MEMORY_OPTIONS}
     if args.single:
         name, length = args.single.split(":")
         print(json.dumps(measure(name, int(length), args.repeats,
-                                 args.layers, args.lsh_parallel_heads,
-                                 args.lsh_segments, args.plan)))
+                                 args.layers, memory_options, args.plan)))
         return
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
@@ -152,15 +160,16 @@ def main():
                          f"{sorted(CONFIGURATIONS)}")
         result = run_single(__file__, run_spec,
                             ["--repeats", args.repeats, "--layers",
-                             args.layers, "--lsh-parallel-heads",
-                             args.lsh_parallel_heads, "--lsh-segments",
-                             args.lsh_segments]
+                             args.layers]
+                            + [item for option, value
+                               in memory_options.items()
+                               for item in ("--" + option.replace("_", "-"),
+                                            value)]
                             + (["--plan"] if args.plan else []),
                             backend="jax")
         line = {"benchmark": "lm_step", "configuration": name,
                 "length": int(length), "layers": args.layers or "all",
-                "lsh_parallel_heads": args.lsh_parallel_heads or "all",
-                "lsh_segments": args.lsh_segments or 1}
+                **memory_options}
         if "error" in result:
             line["error"] = result["error"]
         elif args.plan:

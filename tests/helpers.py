@@ -3,6 +3,9 @@
 import keras
 import numpy as np
 
+from keras_reformer.layers.chunked_attention import run_slices
+from keras_reformer.layers.seeds import seed_tensor
+
 
 def value_and_grads(loss_fn, inputs, variables):
     """`loss_fn(inputs)` and its gradients wrt `inputs` and `variables`.
@@ -63,10 +66,60 @@ y = ids[:, 1:]
 """
 
 
-def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None):
+def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None,
+                  extras=None):
     """`chunked_attention.attention_in_runs` written as a plain loop: the
-    same runs and seeds under autodiff, no recomputation."""
+    same runs, slices and seeds under autodiff, no recomputation."""
     run = keras.ops.shape(layout[0])[2] // runs
-    results = [attend_run(s, run, inputs, layout, seed) for s in range(runs)]
+    results = [attend_run(s, run, run_slices(inputs, s, run, extras), layout,
+                          seed) for s in range(runs)]
     return tuple(keras.ops.concatenate(parts, axis=2)
                  for parts in zip(*results))
+
+
+def assert_same_value_and_grads(actual, expected):
+    """Equal `value_and_grads` results, with a non-zero input gradient."""
+    assert_close(actual[0], expected[0], atol=1e-4)
+    assert np.abs(actual[1]).max() > 0
+    assert_close(actual[1], expected[1], atol=1e-5)
+    for a, b in zip(actual[2], expected[2]):
+        assert_close(a, b, atol=1e-5)
+
+
+def padded_inputs():
+    """Inputs `(2, 29, 24)` and a padding mask hiding 9 of the first
+    row's tokens."""
+    x = np.random.RandomState(2).randn(2, 29, 24).astype("float32")
+    mask = np.ones((2, 29), "int32")
+    mask[0, :9] = 0
+    return x, mask
+
+
+def assert_recomputed_gradient_equals_autodiff(layer, unroll):
+    """`layer`'s value and gradients (padded inputs, dropout seeded) equal
+    those after `unroll()` replaces its recomputing loop with the same
+    computation unrolled under plain autodiff."""
+    x, mask = padded_inputs()
+
+    def loss(x):
+        return keras.ops.sum(layer(x, padding_mask=mask, training=True,
+                                   seed=seed_tensor(3)) ** 2)
+
+    actual = value_and_grads(loss, x, layer.trainable_variables)
+    unroll()
+    expected = value_and_grads(loss, x, layer.trainable_variables)
+    assert_same_value_and_grads(actual, expected)
+
+
+def assert_same_as_whole(segmented, whole):
+    """Layers computing one function in pieces and at once (sharing
+    weights) agree: value and gradients of a loss on padded inputs."""
+    x, mask = padded_inputs()
+
+    def loss(layer):
+        return lambda x: keras.ops.sum(layer(
+            x, padding_mask=mask, training=True, seed=seed_tensor(3)) ** 2)
+
+    assert_same_value_and_grads(
+        value_and_grads(loss(segmented), x, segmented.trainable_variables),
+        value_and_grads(loss(whole), x, whole.trainable_variables))

@@ -7,7 +7,11 @@ from keras import ops
 from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import LinformerSelfAttention
 from keras_reformer.layers import LocalSelfAttention
+from keras_reformer.layers import local_self_attention
 from tests.helpers import assert_close
+from tests.helpers import assert_recomputed_gradient_equals_autodiff
+from tests.helpers import assert_same_as_whole
+from tests.helpers import unrolled_runs
 from tests.helpers import to_numpy
 from tests.helpers import value_and_grads
 
@@ -93,6 +97,44 @@ def test_local_causal_never_reads_the_future_and_ignores_padding():
                  to_numpy(local(noisy, padding_mask=mask)) * valid, atol=1e-5)
 
 
+def _segmented_and_whole(segments, causal=True, after=0, dropout=0.0):
+    """Local layers attending in `segments` runs of chunks and all at once,
+    sharing weights (29 tokens, chunks of 4: 8 chunks)."""
+    kwargs = dict(num_heads=2, head_dim=8, chunk_length=4, causal=causal,
+                  num_chunks_after=after, dropout=dropout, seed=1)
+    segmented = LocalSelfAttention(segments=segments, **kwargs)
+    whole = LocalSelfAttention(**kwargs)
+    for layer in (segmented, whole):
+        layer.build((2, 29, 24))
+    whole.set_weights(segmented.get_weights())
+    return segmented, whole
+
+
+@pytest.mark.parametrize("segments,causal,after",
+                         [(2, True, 0), (8, False, 1), (4, False, 0)])
+def test_local_segments_equal_all_chunks_at_once(segments, causal, after):
+    assert_same_as_whole(*_segmented_and_whole(segments, causal, after))
+
+
+def test_local_segments_recomputed_gradient_equals_autodiff_with_dropout(
+        monkeypatch):
+    segmented, _ = _segmented_and_whole(4, causal=False, after=1,
+                                        dropout=0.3)
+    assert_recomputed_gradient_equals_autodiff(
+        segmented, lambda: monkeypatch.setattr(
+            local_self_attention, "attention_in_runs", unrolled_runs))
+
+
+def test_local_segments_must_divide_the_chunks():
+    with pytest.raises(ValueError, match="segments=0"):
+        LocalSelfAttention(2, 8, segments=0)
+    layer = LocalSelfAttention(2, 8, chunk_length=4, segments=3)
+    with pytest.raises(ValueError, match="segments=3 must divide the 8 "
+                       "chunks"):
+        layer(np.zeros((1, 29, 24), "float32"))
+
+
+
 @pytest.mark.parametrize("sharing", ["none", "headwise", "key_value"])
 def test_linformer_with_identity_projections_equals_full_attention(sharing):
     layer = LinformerSelfAttention(2, 8, max_length=LENGTH,
@@ -132,7 +174,7 @@ def test_linformer_rejects_causal_and_bad_sharing():
 
 @pytest.mark.parametrize("make", [
     lambda: LocalSelfAttention(2, 8, chunk_length=8, causal=True, dropout=0.1,
-                               seed=1),
+                               seed=1, segments=5),
     lambda: LinformerSelfAttention(2, 8, max_length=LENGTH,
                                    projected_length=16, sharing="headwise",
                                    dropout=0.1, seed=1),
@@ -142,6 +184,7 @@ def test_config_round_trip_and_finite_gradients(make):
     x, mask = inputs(), padding_mask()
     layer.build(x.shape)
     clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
     clone.build(x.shape)
     clone.set_weights(layer.get_weights())
     assert_close(clone(x, padding_mask=mask), layer(x, padding_mask=mask),

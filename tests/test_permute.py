@@ -10,17 +10,12 @@ from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
+from tests.helpers import assert_recomputed_gradient_equals_autodiff
+from tests.helpers import assert_same_as_whole
+from tests.helpers import assert_same_value_and_grads
+from tests.helpers import padded_inputs
 from tests.helpers import unrolled_runs
 from tests.helpers import value_and_grads
-
-
-def assert_same_value_and_grads(actual, expected):
-    """Equal `value_and_grads` results, with a non-zero input gradient."""
-    assert_close(actual[0], expected[0], atol=1e-4)
-    assert np.abs(actual[1]).max() > 0
-    assert_close(actual[1], expected[1], atol=1e-5)
-    for a, b in zip(actual[2], expected[2]):
-        assert_close(a, b, atol=1e-5)
 
 
 def test_gradient_equals_autodiff_of_take_along_axis():
@@ -121,24 +116,8 @@ def _grouped_and_whole(dropout=0.0):
     return grouped, whole
 
 
-def _padded_inputs():
-    x = np.random.RandomState(2).randn(2, 29, 24).astype("float32")
-    mask = np.ones((2, 29), "int32")
-    mask[0, :9] = 0
-    return x, mask
-
-
 def test_head_groups_equal_all_heads_at_once():
-    grouped, whole = _grouped_and_whole()
-    x, mask = _padded_inputs()
-
-    def loss(layer):
-        return lambda x: ops.sum(layer(
-            x, padding_mask=mask, training=True, seed=seed_tensor(3)) ** 2)
-
-    actual = value_and_grads(loss(grouped), x, grouped.trainable_variables)
-    expected = value_and_grads(loss(whole), x, whole.trainable_variables)
-    assert_same_value_and_grads(actual, expected)
+    assert_same_as_whole(*_grouped_and_whole())
 
 
 def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
@@ -162,22 +141,6 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
             LSHSelfAttention, "_attend_head_groups", unrolled_groups))
 
 
-def assert_recomputed_gradient_equals_autodiff(layer, unroll):
-    """`layer`'s value and gradients (padded inputs, dropout seeded) equal
-    those after `unroll()` replaces its recomputing loop with the same
-    computation unrolled under plain autodiff."""
-    x, mask = _padded_inputs()
-
-    def loss(x):
-        return ops.sum(layer(x, padding_mask=mask, training=True,
-                             seed=seed_tensor(3)) ** 2)
-
-    actual = value_and_grads(loss, x, layer.trainable_variables)
-    unroll()
-    expected = value_and_grads(loss, x, layer.trainable_variables)
-    assert_same_value_and_grads(actual, expected)
-
-
 def _segmented_and_whole(segments, dropout=0.0, parallel_heads=None):
     """LSH layers attending the sorted sequence in `segments` runs and all
     at once, sharing weights (29 tokens, chunks of 4: 16 chunks over the
@@ -197,16 +160,8 @@ def _segmented_and_whole(segments, dropout=0.0, parallel_heads=None):
 def test_segments_equal_the_whole_sorted_sequence(segments, parallel_heads):
     segmented, whole = _segmented_and_whole(segments,
                                             parallel_heads=parallel_heads)
-    x, mask = _padded_inputs()
-
-    def loss(layer):
-        return lambda x: ops.sum(layer(
-            x, padding_mask=mask, training=True, seed=seed_tensor(3)) ** 2)
-
-    actual = value_and_grads(loss(segmented), x,
-                             segmented.trainable_variables)
-    expected = value_and_grads(loss(whole), x, whole.trainable_variables)
-    assert_same_value_and_grads(actual, expected)
+    assert_same_as_whole(segmented, whole)
+    x, mask = padded_inputs()
     assert_close(segmented(x, padding_mask=mask),
                  whole(x, padding_mask=mask), atol=1e-5)
 

@@ -181,8 +181,20 @@ def run_of(x, s, size):
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
 
 
+def run_slices(inputs, s, run, extras):
+    """Run `s`'s slices of `inputs`: each `(batch, heads, n, head_dim)`
+    input from `s * run` to `(s + 1) * run` plus its entry of `extras`;
+    `extras` None: the whole inputs."""
+    if extras is None:
+        return list(inputs)
+    return [ops.slice(x, [0, 0, s * run, 0],
+                      tuple(ops.shape(x)[:2]) + (run + extra,
+                                                 ops.shape(x)[3]))
+            for x, extra in zip(inputs, extras)]
+
+
 def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
-                      seed=None):
+                      seed=None, extras=None):
     """Chunked attention over `slots` query slots in `runs` equal runs of
     chunks, one after another, each recomputed in the backward pass: the
     scores and key windows alive at once shrink `runs`-fold.
@@ -191,14 +203,21 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
         attend_run: `attend_run(s, run, inputs, layout, seed)` returning
             run `s`'s `(outputs, logsumexp)`, for query slots `s * run` to
             `(s + 1) * run`: `(batch, heads, run, head_dim)` and `(batch,
-            heads, run)`; `seed` is None or the seed tensor.
-        inputs: list of float tensors `(batch, heads, length, head_dim)`
-            (the differentiated projections the runs gather from).
+            heads, run)`; `inputs` are the run's slices (`run_slices`),
+            `seed` is None or the seed tensor.
+        inputs: list of float tensors `(batch, heads, n, head_dim)` (the
+            differentiated projections).
         layout: list of integer or bool tensors (positions, validity), the
             first `(batch, heads, slots)`, the query position at each slot.
         runs: int dividing the `slots / chunk_length` chunks.
         chunk_length: int.
         seed: None (no dropout) or a seed tensor.
+        extras: None: every run takes the whole `inputs` (and gathers what
+            it needs; the backward sums full-length gradients); or one int
+            per input: run `s` takes slots `s * run` to `(s + 1) * run +
+            extra` of that input, and the backward adds each run's
+            gradients into its slices only (local attention: the extra is
+            the neighbouring chunks, with the keys padded in front).
 
     Returns:
         `(outputs, logsumexp)`: `(batch, heads, slots, head_dim)` in the
@@ -215,8 +234,16 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
     has_seed = seed is not None
     seed = seed if has_seed else ops.zeros((2,), "int32")
 
-    def run_at(s, inputs, layout, seed):
-        return attend_run(s, run, inputs, layout, seed if has_seed else None)
+    def run_at(s, slices, layout, seed):
+        return attend_run(s, run, slices, layout, seed if has_seed else None)
+
+    def add_run_grads(s, grads, run_grads):
+        if extras is None:
+            return [g + r for g, r in zip(grads, run_grads)]
+        start = [0, 0, s * run, 0]
+        return [ops.slice_update(g, start, ops.slice(g, start, ops.shape(r))
+                                 + r)
+                for g, r in zip(grads, run_grads)]
 
     num_inputs = len(inputs)
 
@@ -224,15 +251,21 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
         inputs, layout = list(tensors[:num_inputs]), tensors[num_inputs:]
 
         def body(s, results):
-            outputs, logsumexp = run_at(s, inputs, layout, seed)
+            outputs, logsumexp = run_at(
+                s, run_slices(inputs, s, run, extras), layout, seed)
             return [ops.slice_update(results[0], [0, 0, s * run, 0],
                                      outputs),
                     ops.slice_update(results[1], [0, 0, s * run],
                                      logsumexp)]
 
+        # Zeros computed from an input, not constants: see
+        # `ChunkedFeedForward` (a constant buffer may be allocated at
+        # program start, one per layer).
+        zero = ops.cast(inputs[0][:, :, :1, :] * 0, inputs[-1].dtype)
         results = ops.fori_loop(0, runs, body, [
-            ops.zeros((batch, heads, slots, head_dim), inputs[-1].dtype),
-            ops.zeros((batch, heads, slots), "float32")])
+            ops.broadcast_to(zero, (batch, heads, slots, head_dim)),
+            ops.broadcast_to(ops.cast(zero[..., 0], "float32"),
+                             (batch, heads, slots))])
         return tuple(results), (seed, inputs, layout)
 
     def backward(residuals, output_grads):
@@ -243,13 +276,13 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
 
         def body(s, grads):
             _, run_grads = value_and_vjp(
-                lambda *inputs: run_at(s, list(inputs), layout, seed),
-                inputs,
+                lambda *slices: run_at(s, list(slices), layout, seed),
+                run_slices(inputs, s, run, extras),
                 (ops.slice(outputs_grad, [0, 0, s * run, 0],
                            (batch, heads, run, head_dim)),
                  ops.slice(logsumexp_grad, [0, 0, s * run],
                            (batch, heads, run))))
-            return [g + r for g, r in zip(grads, run_grads)]
+            return add_run_grads(s, grads, run_grads)
 
         # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
         grads = ops.fori_loop(0, runs, body, [x * 0 for x in inputs])

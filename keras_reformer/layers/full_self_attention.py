@@ -44,7 +44,7 @@ class FullSelfAttention(KeyValueAttention):
         """Every cached position (later ones are masked)."""
         return ops.arange(capacity, dtype="int32")
 
-    def _attend(self, inputs, valid, dropout_fn):
+    def _attend(self, inputs, valid, seed):
         """Outputs `(batch, length, hidden)` and the projections."""
         projections = self.project_all(inputs)
         positions = ops.arange(ops.shape(inputs)[1], dtype="int32")
@@ -54,7 +54,8 @@ class FullSelfAttention(KeyValueAttention):
                                  valid[:, None, :], self.causal,
                                  mask_self=self.shared_qk)
 
-        outputs, _ = attend(*projections, mask_fn, dropout_fn)
+        outputs, _ = attend(*projections, mask_fn,
+                            self.dropout_fn(seed is not None, seed))
         return self.merge_heads(outputs, valid), projections
 
     def get_config(self):

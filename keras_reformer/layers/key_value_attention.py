@@ -16,18 +16,17 @@ class KeyValueAttention(SelfAttentionBase):
     local attention): cached decoding keeps every position's key and value
     and reads those of the new position's window.
 
-    Subclasses implement `_attend(inputs, valid, dropout_fn)` returning the
-    outputs and the `(queries, keys, values)` projections of the (possibly
-    padded) sequence, and `_decode_positions(index)`, the key positions a
-    query at `index` may see.
+    Subclasses implement `_attend(inputs, valid, seed)` (`seed`: None, or
+    the dropout seed while training) returning the outputs and the
+    `(queries, keys, values)` projections of the (possibly padded) sequence,
+    and `_decode_positions(index)`, the key positions a query at `index`
+    may see.
     """
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
         valid = padding_mask_or_ones(padding_mask, inputs)
-        if training:
-            seed = draw_seed(seed, self.seed_generator)
-        outputs, _ = self._attend(inputs, valid,
-                                  self.dropout_fn(training, seed))
+        seed = draw_seed(seed, self.seed_generator) if training else None
+        outputs, _ = self._attend(inputs, valid, seed)
         return outputs
 
     def prefill(self, inputs, prefix_length):

@@ -3,9 +3,12 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import look_adjacent
+from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.key_value_attention import KeyValueAttention
+from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
@@ -31,6 +34,12 @@ class LocalSelfAttention(KeyValueAttention):
         causal: bool, a token never attends to later tokens.
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds dropout.
+        segments: None (all chunks at once) or an int dividing the number
+            of chunks: the chunks are attended in that many runs, one after
+            another, each recomputed in the backward pass, so only one
+            run's scores and key windows are alive at once (less memory for
+            very long sequences; the same outputs and gradients, dropout
+            aside, which is drawn per run).
 
     Example:
     >>> layer = LocalSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
@@ -41,17 +50,20 @@ class LocalSelfAttention(KeyValueAttention):
 
     def __init__(self, num_heads, head_dim, chunk_length=64,
                  num_chunks_before=1, num_chunks_after=0, causal=False,
-                 dropout=0.0, seed=None, kernel_initializer="glorot_uniform",
-                 **kwargs):
+                 dropout=0.0, seed=None, segments=None,
+                 kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=False, dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
         check_positive_int("chunk_length", chunk_length)
         check_chunk_window(causal, num_chunks_before, num_chunks_after)
+        if segments is not None:
+            check_positive_int("segments", segments)
         self.chunk_length = chunk_length
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
         self.causal = causal
+        self.segments = segments
 
     def _decode_positions(self, index, capacity):
         """The new position's chunk and the `num_chunks_before` before it."""
@@ -60,9 +72,10 @@ class LocalSelfAttention(KeyValueAttention):
             self.chunk_length)
         return first + ops.arange(window, dtype="int32")
 
-    def _attend(self, inputs, valid, dropout_fn):
+    def _attend(self, inputs, valid, seed):
         """Outputs `(batch, length, hidden)` and the projections of the
-        inputs padded to a multiple of `chunk_length`."""
+        inputs padded to a multiple of `chunk_length`; `seed`: None (no
+        dropout) or the dropout seed."""
         batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
         padded_length = ops.shape(inputs)[1]
@@ -71,14 +84,27 @@ class LocalSelfAttention(KeyValueAttention):
         positions = ops.broadcast_to(
             ops.arange(padded_length, dtype="int32"), shape)
         key_valid = ops.broadcast_to(valid[:, None, :], shape)
-        num_chunks = padded_length // self.chunk_length
+        if self.dropout == 0.0:
+            seed = None
+        if self.segments is None:
+            outputs = self._attend_whole(projections, positions, key_valid,
+                                         seed)
+        else:
+            outputs = self._attend_segments(projections, positions,
+                                            key_valid, seed)
+        return self.merge_heads(outputs, valid)[:, :length], projections
+
+    def _attend_whole(self, projections, positions, key_valid, seed):
+        """Every chunk at once: `(batch, heads, length, head_dim)`."""
+        batch, heads, length = ops.shape(positions)
+        num_chunks = length // self.chunk_length
 
         def windows(x):
-            chunks = ops.reshape(x, (batch, self.num_heads, num_chunks,
+            chunks = ops.reshape(x, (batch, heads, num_chunks,
                                      self.chunk_length) + tuple(x.shape[3:]))
             adjacent = look_adjacent(chunks, self.num_chunks_before,
                                      self.num_chunks_after)
-            return ops.reshape(adjacent, (batch, self.num_heads, -1)
+            return ops.reshape(adjacent, (batch, heads, -1)
                                + tuple(x.shape[3:]))
 
         # A neighbour that wrapped around (or repeats, with few chunks) is
@@ -90,9 +116,64 @@ class LocalSelfAttention(KeyValueAttention):
         outputs, _ = chunked_attention(
             queries, windows(keys), windows(values), positions,
             windows(positions), windows(key_valid), self.chunk_length,
-            self.causal, mask_self=False, dropout_fn=dropout_fn,
+            self.causal, mask_self=False,
+            dropout_fn=self.dropout_fn(seed is not None, seed),
             window=(self.chunk_length, offsets))
-        return self.merge_heads(outputs, valid)[:, :length], projections
+        return outputs
+
+    def _attend_segments(self, projections, positions, key_valid, seed):
+        """`_attend_whole` in `segments` runs of chunks
+        (`attention_in_runs`). Keys, values and their validity are padded
+        by the neighbouring chunks' length at both ends, so run `s`'s key
+        windows are one slice: no gathers, and each run's gradient lands in
+        its slice."""
+        before = self.num_chunks_before * self.chunk_length
+        after = self.num_chunks_after * self.chunk_length
+
+        def pad(x):
+            widths = [[0, 0], [0, 0], [before, after]]
+            return ops.pad(x, widths + [[0, 0]] * (len(x.shape) - 3))
+
+        queries, keys, values = projections
+        padded_valid = pad(ops.cast(key_valid, "int32")) > 0
+        outputs, _ = attention_in_runs(
+            self._attend_run, [queries, pad(keys), pad(values)],
+            [positions, padded_valid], self.segments, self.chunk_length,
+            seed, extras=[0, before + after, before + after])
+        return outputs
+
+    def _attend_run(self, s, run, slices, layout, seed):
+        """Run `s` (positions `s * run` onwards) of `_attend_segments`:
+        `slices` are its queries and its padded keys and values, which
+        start `num_chunks_before` chunks earlier."""
+        queries, keys, values = slices
+        positions, padded_valid = layout
+        batch, heads = ops.shape(queries)[0], ops.shape(queries)[1]
+        width = self.num_chunks_before + 1 + self.num_chunks_after
+        size = ops.shape(keys)[2]
+        first = s * run - self.num_chunks_before * self.chunk_length
+        key_positions = ops.broadcast_to(
+            first + ops.arange(size, dtype="int32"), (batch, heads, size))
+
+        def windows(x):
+            """Chunk `u`'s window: chunks `u` to `u + width - 1` of `x`."""
+            tail = tuple(x.shape[3:])
+            parts = [ops.reshape(
+                ops.slice(x, [0, 0, o * self.chunk_length] + [0] * len(tail),
+                          (batch, heads, run) + tail),
+                (batch, heads, -1, self.chunk_length) + tail)
+                for o in range(width)]
+            return ops.reshape(ops.concatenate(parts, axis=3),
+                               (batch, heads, run * width) + tail)
+
+        return chunked_attention(
+            queries, windows(keys), windows(values), run_of(positions, s, run),
+            windows(key_positions),
+            windows(ops.slice(padded_valid, [0, 0, s * run],
+                              (batch, heads, size))),
+            self.chunk_length, self.causal, mask_self=False,
+            dropout_fn=self.dropout_fn(seed is not None,
+                                       offset_seed(seed, [s, 0])))
 
     def get_config(self):
         config = super().get_config()
@@ -101,5 +182,6 @@ class LocalSelfAttention(KeyValueAttention):
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
             "causal": self.causal,
+            "segments": self.segments,
         })
         return config

@@ -59,6 +59,9 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         lsh_segments: None, or the runs of chunks each LSH layer attends
             one after another, recomputed in the backward pass (see
             `LSHSelfAttention`'s `segments`).
+        local_segments: None, or the runs of chunks each local attention
+            layer attends one after another, recomputed in the backward
+            pass (see `LocalSelfAttention`'s `segments`).
         num_chunks_before: int, chunks attended before (LSH and local).
         num_chunks_after: int, chunks attended after (0 when causal).
         projected_length: int, Linformer's `k`; None: `min(256, max length)`.
@@ -86,6 +89,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                  axial_dims=None, causal=True, chunk_length=64,
                  local_chunk_length=None, num_hashes=4, num_buckets=None,
                  lsh_parallel_heads=None, lsh_segments=None,
+                 local_segments=None,
                  num_chunks_before=1, num_chunks_after=0,
                  projected_length=None, linformer_sharing="none",
                  feed_forward_chunk_length=64, activation="relu", dropout=0.0,
@@ -139,6 +143,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                 return LocalSelfAttention(
                     num_heads, head_dim,
                     chunk_length=local_chunk_length or chunk_length,
+                    segments=local_segments,
                     num_chunks_before=num_chunks_before,
                     num_chunks_after=num_chunks_after, **common)
             if kind == "linformer":
@@ -201,6 +206,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         self.num_hashes = num_hashes
         self.lsh_parallel_heads = lsh_parallel_heads
         self.lsh_segments = lsh_segments
+        self.local_segments = local_segments
         self.num_buckets = num_buckets
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
@@ -267,6 +273,7 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
             "num_buckets": self.num_buckets,
             "lsh_parallel_heads": self.lsh_parallel_heads,
             "lsh_segments": self.lsh_segments,
+            "local_segments": self.local_segments,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
             "projected_length": self.projected_length,
