@@ -12,6 +12,17 @@ paper's "full attention" row instead, evaluated the same ways.
 
     python examples/duplication_task.py   # CPU-sized: length 64, ~7 min
     python examples/duplication_task.py --length 1024 --steps 20000  # paper
+
+Long runs can be cut into pieces: with `--checkpoint-dir DIR` the weights
+and optimizer state are saved every `--checkpoint-every` steps, and the same
+command run again resumes from the last save with the batches that come
+next (a finished run's command, run again, only evaluates; delete DIR to
+start over). The LSH rotations drawn after a resume are fresh draws, not
+those an uninterrupted run would have drawn (Keras does not save random
+generators' state). For example, in calls of at most ten minutes each:
+
+    timeout 590 python examples/duplication_task.py --length 1024 \
+        --steps 20000 --checkpoint-dir saved_models/duplication_1024
 """
 
 import argparse
@@ -72,21 +83,39 @@ def second_half_accuracy(model, batches):
     return correct / total
 
 
+def training_batches(args, first_step=0):
+    """The endless training stream from batch `first_step` on (a resumed
+    run skips the batches it has already trained on)."""
+    rng = np.random.RandomState(args.seed)
+    for _ in range(first_step):
+        duplication_batch(rng, args.batch_size, args.length,
+                          args.vocabulary_size)
+    while True:
+        yield duplication_batch(rng, args.batch_size, args.length,
+                                args.vocabulary_size)
+
+
 def run(args):
     keras.utils.set_random_seed(args.seed)
-    rng = np.random.RandomState(args.seed)
     model = build_model(args, args.attention, args.train_hashes)
-
-    def batches():
-        while True:
-            yield duplication_batch(rng, args.batch_size, args.length,
-                                    args.vocabulary_size)
-
+    # An "epoch" of the endless stream per checkpoint, else up to ten: a
+    # progress line each.
+    epoch_steps = args.checkpoint_every if args.checkpoint_dir else (
+        args.steps // math.gcd(args.steps, 10))
+    callbacks = []
+    if args.checkpoint_dir:
+        checkpoint = os.path.join(args.checkpoint_dir, "latest.weights.h5")
+        if os.path.exists(checkpoint):
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(checkpoint)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            checkpoint, save_weights_only=True))
+    first_step = int(model.optimizer.iterations)
     start = time.time()
-    # Up to ten "epochs" of the endless stream: a progress line each.
-    epochs = math.gcd(args.steps, 10)
-    model.fit(batches(), steps_per_epoch=args.steps // epochs, epochs=epochs,
-              shuffle=False, verbose=args.verbose)
+    model.fit(training_batches(args, first_step),
+              steps_per_epoch=epoch_steps, epochs=args.steps // epoch_steps,
+              initial_epoch=first_step // epoch_steps, shuffle=False,
+              callbacks=callbacks, verbose=args.verbose)
     train_seconds = time.time() - start
     eval_rng = np.random.RandomState(args.seed + 1)
     eval_batches = [duplication_batch(eval_rng, args.batch_size, args.length,
@@ -111,6 +140,8 @@ def run(args):
             "length": args.length, "train_hashes": args.train_hashes,
             "eval_attention": attention, "eval_hashes": num_hashes,
             "steps": args.steps,
+            "resumed_from_step": first_step,
+            "trained_steps": int(model.optimizer.iterations),
             "accuracy": round(second_half_accuracy(evaluated, eval_batches),
                               4),
             "chance": round(1.0 / (args.vocabulary_size - 1), 4),
@@ -157,10 +188,20 @@ def parse_args(argv=None):
                         default=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=2)
+    parser.add_argument(
+        "--checkpoint-dir", default=None,
+        help="save the model and optimizer here every --checkpoint-every "
+        "steps, and resume from the last save when run again")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args(argv)
     if args.length % 2 or args.length < 8:
         parser.error(f"--length must be even and at least 8; received "
                      f"{args.length}.")
+    if args.checkpoint_dir and (args.checkpoint_every < 1
+                                or args.steps % args.checkpoint_every):
+        parser.error(f"--checkpoint-every must be a positive divisor of "
+                     f"--steps ({args.steps}); received "
+                     f"{args.checkpoint_every}.")
     if not 1 <= args.axial_columns <= args.length:
         parser.error(f"--axial-columns must be between 1 and --length "
                      f"({args.length}); received {args.axial_columns}.")

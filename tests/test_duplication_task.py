@@ -53,3 +53,37 @@ def test_full_attention_model_is_evaluated_with_lsh_on_its_weights():
     assert results[0]["accuracy"] > 0.9
     for result in results[1:]:
         assert result["accuracy"] == results[0]["accuracy"]
+
+
+def test_training_batches_resume_where_the_stream_left_off():
+    args = duplication_task.parse_args(["--length", "16", "--batch-size",
+                                        "2"])
+    stream = duplication_task.training_batches(args)
+    from_start = [next(stream) for _ in range(5)]
+    resumed = duplication_task.training_batches(args, first_step=3)
+    for expected in from_start[3:]:
+        np.testing.assert_array_equal(next(resumed)[1], expected[1])
+
+
+def test_a_run_resumes_from_its_checkpoint(tmp_path):
+    def run(steps):
+        results = duplication_task.run(duplication_task.parse_args([
+            "--length", "16", "--vocabulary-size", "8", "--steps",
+            str(steps), "--chunk-length", "8", "--hidden-dim", "32",
+            "--num-heads", "2", "--eval-hashes", "2", "--eval-batches", "1",
+            "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path),
+            "--verbose", "0"]))
+        for result in results:
+            result.pop("train_seconds")
+        return results
+
+    first = run(4)
+    assert [r.pop("resumed_from_step") for r in first] == [0, 0]
+    assert {r["trained_steps"] for r in first} == {4}
+    # Run again when finished: the saved weights, evaluated unchanged.
+    again = run(4)
+    assert [r.pop("resumed_from_step") for r in again] == [4, 4]
+    assert again == first
+    longer = run(8)
+    assert {(r["resumed_from_step"], r["trained_steps"])
+            for r in longer} == {(4, 8)}
