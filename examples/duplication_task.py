@@ -157,7 +157,9 @@ def copy_weights(source, target):
     trained = {w.path: w for w in source.weights}
     for weight in target.weights:
         if "rotations" not in weight.path:
-            weight.assign(trained[weight.path])
+            # A copy: on JAX, sharing the array would let one model's
+            # `predict` donate (delete) the other's weights.
+            weight.assign(keras.ops.convert_to_numpy(trained[weight.path]))
 
 
 def parse_args(argv=None):
