@@ -1,12 +1,13 @@
-"""LSH attention's memory at very long lengths, all heads vs one at a time.
+"""LSH attention's memory at very long lengths: all heads, one at a time, in runs.
 
 XLA's own plan (JAX backend, `compiled.memory_analysis()`) for one
 forward+backward of `LSHSelfAttention` (batch 1, `--heads` heads of 64, 4
 hash rounds, chunk 64, causal, default buckets), compiled but not run, so
-lengths far beyond this machine's memory can be planned. Prints one JSON
-line per (length, parallel_heads): temporary bytes, and arguments plus
-outputs (the input, weights and their gradients). On a GPU the measured
-peak is in `attention_gpu.py`.
+lengths far beyond this machine's memory can be planned: all heads at once,
+one head at a time (`parallel_heads=1`), and one head at a time in 16 runs
+of chunks (`segments=16`). Prints one JSON line per (length, variant):
+temporary bytes, and arguments plus outputs (the input, weights and their
+gradients). On a GPU the measured peak is in `attention_gpu.py`.
 
     KERAS_BACKEND=jax python benchmarks/lsh_memory.py \\
         --lengths 16384,65536,1048576
@@ -25,10 +26,15 @@ from keras_reformer.layers import LSHSelfAttention  # noqa: E402
 from keras_reformer.layers.seeds import seed_tensor  # noqa: E402
 
 
-def planned_gib(length, heads, parallel_heads):
+# (parallel_heads, segments) per variant.
+VARIANTS = ((None, None), (1, None), (1, 16))
+
+
+def planned_gib(length, heads, parallel_heads, segments):
     """`(temporary, arguments + outputs)` GiB of the compiled step."""
     layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                             causal=True, parallel_heads=parallel_heads)
+                             causal=True, parallel_heads=parallel_heads,
+                             segments=segments)
     layer.build((1, length, heads * 64))
     variables = layer.trainable_variables
 
@@ -53,13 +59,14 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     args = parser.parse_args()
     for length in [int(n) for n in args.lengths.split(",")]:
-        for parallel_heads in (None, 1):
+        for parallel_heads, segments in VARIANTS:
             temporary, arguments = planned_gib(length, args.heads,
-                                               parallel_heads)
+                                               parallel_heads, segments)
             print(json.dumps({
                 "benchmark": "lsh_memory", "platform": jax.devices()[0].platform,
                 "length": length, "heads": args.heads,
                 "parallel_heads": parallel_heads or "all",
+                "segments": segments or 1,
                 "temporary_gib": round(temporary, 3),
                 "arguments_and_outputs_gib": round(arguments, 3)}),
                 flush=True)
