@@ -7,6 +7,7 @@ from keras import ops
 from keras_reformer.layers import LSHSelfAttention
 from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
+from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
@@ -124,17 +125,18 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
         monkeypatch):
     grouped, _ = _grouped_and_whole(dropout=0.3)
 
-    def unrolled_groups(self, query_key, values, indices, dropout_seed):
-        # The same groups and dropout seeds, unrolled, under autodiff.
-        size, outputs = self.parallel_heads, []
-        for g in range(self.num_heads // size):
-            def heads(x):
-                return x[:, g * size:(g + 1) * size]
-            outputs.append(self._attend_sorted(
-                heads(query_key), heads(values), [heads(i) for i in indices],
-                dropout_seed + ops.cast(ops.stack([0, g]),
-                                        dropout_seed.dtype)))
-        return ops.concatenate(outputs, axis=1)
+    def unrolled_groups(self, inputs, valid, rotations, dropout_seed):
+        # The same groups, order and dropout seeds, unrolled, under autodiff.
+        kernels = tensor_values([self.query_key_kernel, self.value_kernel,
+                                 self.output_kernel])
+        query_key = self.project(inputs, self.query_key_kernel)
+        _, _, indices = self._sort_by_buckets(self._hash(
+            lambda g, size: lsh_self_attention._heads(query_key, g * size,
+                                                      size),
+            rotations), valid)
+        return sum(self._group_output(g, inputs, indices, dropout_seed,
+                                      self._group_kernels(kernels, g))
+                   for g in range(self.num_heads // self.parallel_heads))
 
     assert_recomputed_gradient_equals_autodiff(
         grouped, lambda: monkeypatch.setattr(

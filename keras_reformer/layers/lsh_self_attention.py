@@ -10,6 +10,7 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.chunked_attention import take_rows
+from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.permute import gather_rows
@@ -18,6 +19,7 @@ from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.self_attention_base import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
+from keras_reformer.layers.self_attention_base import zero_padding
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
 from keras_reformer.layers.seeds import offset_seed
@@ -58,10 +60,11 @@ class LSHSelfAttention(SelfAttentionBase):
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds rotations and dropout.
         parallel_heads: None (all heads at once) or an int dividing
-            `num_heads`: attend with this many heads at a time, and
-            recompute each group's attention in the backward pass instead of
-            storing it (much less memory for very long sequences, somewhat
-            more time).
+            `num_heads`: project, hash and attend this many heads at a time
+            (only every head's integer sort order is kept), and recompute
+            each group's projections and attention in the backward pass
+            instead of storing them (much less memory for very long
+            sequences, somewhat more time).
         segments: None (the whole sorted sequence at once) or an int
             dividing the number of chunks (`num_hashes * padded length /
             chunk_length`): attend that many equal runs of chunks one after
@@ -152,25 +155,32 @@ class LSHSelfAttention(SelfAttentionBase):
         bucket of every position and each round's positions in sorted
         order (the rotations are the fixed inference ones)."""
         return self._forward(inputs, prefix_mask(inputs, prefix_length),
-                             self.rotations, None)
+                             self.rotations, None, with_cache=True)
 
-    def _forward(self, inputs, valid, rotations, dropout_seed):
-        """Outputs `(batch, length, hidden)` and the decoding cache."""
+    def _forward(self, inputs, valid, rotations, dropout_seed,
+                 with_cache=False):
+        """Outputs `(batch, length, hidden)` and the decoding cache (None
+        unless `with_cache`)."""
         length = ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
-        query_key = self.project(inputs, self.query_key_kernel)
-        values = self.project(inputs, self.value_kernel)
-        buckets, order, indices = self._sort_by_buckets(
-            query_key, valid, rotations)
+        cache = None
+        if self._group_size() is None or with_cache:
+            query_key = self.project(inputs, self.query_key_kernel)
+            values = self.project(inputs, self.value_kernel)
+            buckets, order, indices = self._sort_by_buckets(
+                self._hash(lambda g, group: _heads(query_key, g * group,
+                                                   group), rotations),
+                valid)
+            if with_cache:
+                cache = {"keys": shared_qk_keys(query_key), "values": values,
+                         "buckets": buckets, "order": order}
         if self._group_size() is None:
-            outputs = self._attend_sorted(
-                query_key, values, indices, dropout_seed)
+            outputs = self.merge_heads(self._attend_sorted(
+                query_key, values, indices, dropout_seed), valid)
         else:
-            outputs = self._attend_head_groups(
-                query_key, values, indices, dropout_seed)
-        cache = {"keys": shared_qk_keys(query_key), "values": values,
-                 "buckets": buckets, "order": order}
-        return self.merge_heads(outputs, valid)[:, :length], cache
+            outputs = zero_padding(self._attend_head_groups(
+                inputs, valid, rotations, dropout_seed), valid)
+        return outputs[:, :length], cache
 
     def decode_step(self, inputs, cache, index):
         """See `call_with_cache`.
@@ -247,52 +257,52 @@ class LSHSelfAttention(SelfAttentionBase):
             return None
         return self.parallel_heads
 
-    def _hash(self, query_key, rotations):
-        """Bucket ids `(batch, heads, num_hashes, length)`, a group of heads
-        at a time when `parallel_heads` is set."""
+    def _hash(self, group_query_key, rotations):
+        """Bucket ids `(batch, heads, num_hashes, length)`, a group of
+        `parallel_heads` heads at a time (all at once when it is None).
+
+        Args:
+            group_query_key: `group_query_key(g, group)`, the query-keys
+                `(batch, group, length, head_dim)` of heads `g * group` to
+                `(g + 1) * group`.
+            rotations: the rotations of every head.
+        """
         num_buckets = self.resolved_num_buckets
-        group = self._group_size()
-        if group is None:
-            return hashing.hash_vectors(query_key, rotations, num_buckets)
-        batch, heads, length, _ = ops.shape(query_key)
+        group = self._group_size() or self.num_heads
         rotations = ops.convert_to_tensor(rotations)  # not a Keras variable
 
         def hash_group(g):
-            return [hashing.hash_vectors(_heads(query_key, g * group, group),
-                                         _heads(rotations, g * group, group,
-                                                axis=0),
-                                         num_buckets)]
+            return hashing.hash_vectors(
+                group_query_key(g, group),
+                _heads(rotations, g * group, group, axis=0), num_buckets)
 
-        (buckets,) = self._fill_by_head_groups(hash_group, [ops.zeros(
-            (batch, heads, self.num_hashes, length), "int32")])
-        return buckets
+        if group == self.num_heads:
+            return hash_group(0)
+        first = hash_group(0)  # shapes the result
 
-    def _fill_by_head_groups(self, group_results, initial):
-        """Runs `group_results(g)` for each group `g` of `parallel_heads`
-        heads in a loop and writes its tensors into those heads' slices of
-        `initial` (a list of `(batch, heads, ...)` tensors)."""
-        group = self._group_size()
+        def body(g, buckets):
+            return ops.slice_update(buckets, [0, g * group, 0, 0],
+                                    hash_group(g))
 
-        def body(g, results):
-            return [ops.slice_update(
-                result, [0, g * group] + [0] * (len(result.shape) - 2),
-                update) for result, update in zip(results, group_results(g))]
+        return ops.fori_loop(1, self.num_heads // group, body, ops.pad(
+            first, [[0, 0], [0, self.num_heads - group], [0, 0], [0, 0]]))
 
-        return ops.fori_loop(0, self.num_heads // group, body, list(initial))
+    def _sort_by_buckets(self, buckets, valid):
+        """Sorts and lays out every round by bucket; integers only.
 
-    def _sort_by_buckets(self, query_key, valid, rotations):
-        """Hashes, sorts and lays out every round; integers only.
+        Args:
+            buckets: `(batch, heads, num_hashes, length)` bucket ids (see
+                `_hash`).
+            valid: `(batch, length)` bool.
 
         Returns:
             `(buckets, sorted_positions, indices)`: the bucket of each
-            position and the positions in sorted order per round, both
-            `(batch, heads, num_hashes, length)`, and the index tensors
-            `_attend_sorted` takes.
+            position (padding in a bucket of its own) and the positions in
+            sorted order per round, both `(batch, heads, num_hashes,
+            length)`, and the index tensors `_attend_sorted` takes.
         """
-        batch, heads, length, _ = ops.shape(query_key)
-        num_hashes = self.num_hashes
-        # Bucket ids per round; padding gets a bucket of its own (the last).
-        buckets = self._hash(query_key, rotations)
+        batch, heads, num_hashes, length = ops.shape(buckets)
+        # Padding gets a bucket of its own (the last).
         pad_bucket = hashing.total_buckets(self.resolved_num_buckets)
         valid = ops.broadcast_to(valid[:, None, :], (batch, heads, length))
         buckets = ops.where(valid[:, :, None, :], buckets, pad_bucket)
@@ -410,55 +420,98 @@ class LSHSelfAttention(SelfAttentionBase):
                                        offset_seed(seed, [s, 0])),
         )
 
-    def _attend_head_groups(self, query_key, values, indices, dropout_seed):
-        """`_attend_sorted` over `parallel_heads` heads at a time.
+    def _attend_head_groups(self, inputs, valid, rotations, dropout_seed):
+        """`_group_output` summed over the groups of `parallel_heads` heads.
 
-        Only one group's chunked scores, windows and sorted copies are
-        alive at once; the backward pass recomputes each group's attention
-        instead of storing it. Same arguments and result as
-        `_attend_sorted`.
+        The heads are hashed and sorted a group at a time, each group's
+        query-keys projected for it and dropped (only the integer sort
+        indices of every head are kept). Then only one group's projections,
+        chunked scores, windows and sorted copies are alive at once; the
+        backward pass recomputes each group's projections and attention
+        instead of storing them, and differentiates them with respect to the
+        inputs and the group's slices of the kernels.
+
+        Args:
+            inputs: `(batch, length, hidden)`, padded to whole chunks.
+            valid: `(batch, length)` bool.
+            rotations: the hash rotations of every head.
+            dropout_seed: None (no dropout) or a seed tensor.
+
+        Returns:
+            `(batch, length, hidden)`, before padded positions are zeroed.
         """
         group = self._group_size()
         seed = ops.zeros((2,), "int32") if dropout_seed is None else (
             dropout_seed)
+        kernels = tensor_values([self.query_key_kernel, self.value_kernel,
+                                 self.output_kernel])
+        _, _, indices = self._sort_by_buckets(self._hash(
+            lambda g, group: self.project(
+                inputs, _heads(kernels[0], g * group, group)),
+            rotations), valid)
 
-        def heads_of(x, g):
-            return _heads(x, g * group, group)
+        def group_output(g, inputs, seed, group_kernels):
+            return self._group_output(
+                g, inputs, indices, None if dropout_seed is None else seed,
+                group_kernels)
 
-        def attend_group(g, query_key, values, indices, seed):
-            """Group `g`'s outputs from its heads' `query_key`, `values`."""
-            group_seed = None if dropout_seed is None else offset_seed(
-                seed, [0, g])
-            return self._attend_sorted(
-                query_key, values, [heads_of(index, g) for index in indices],
-                group_seed)
+        def forward(inputs, seed, *kernels):
+            def body(g, total):
+                return total + group_output(
+                    g, inputs, seed, self._group_kernels(kernels, g))
 
-        def forward(query_key, values, seed, *indices):
-            # `values * 0`, not `zeros_like`: see `ChunkedFeedForward`.
-            (outputs,) = self._fill_by_head_groups(
-                lambda g: [attend_group(g, heads_of(query_key, g),
-                                        heads_of(values, g), indices, seed)],
-                [values * 0])
-            return (outputs,), (query_key, values, seed, indices)
+            # `inputs * 0`, not `zeros_like`: see `ChunkedFeedForward`.
+            total = ops.fori_loop(0, self.num_heads // group, body,
+                                  inputs * 0)
+            return (total,), (inputs, seed, kernels)
 
         def backward(residuals, output_grads):
-            query_key, values, seed, indices = residuals
+            inputs, seed, kernels = residuals
 
-            def group_grads(g):
-                _, grads = value_and_vjp(
-                    lambda q, v: (attend_group(g, q, v, indices, seed),),
-                    [heads_of(query_key, g), heads_of(values, g)],
-                    (heads_of(output_grads[0], g),))
-                return grads
+            def body(g, grads):
+                inputs_grad, kernel_grads = grads
+                _, group_grads = value_and_vjp(
+                    lambda x, *k: (group_output(g, x, seed, k),),
+                    [inputs, *self._group_kernels(kernels, g)], output_grads)
+                kernel_grads = [
+                    ops.slice_update(k, [0] * axis + [g * group]
+                                     + [0] * (2 - axis), update)
+                    for k, update, axis in zip(kernel_grads,
+                                               group_grads[1:], _HEAD_AXES)]
+                return inputs_grad + group_grads[0], kernel_grads
 
-            query_key_grad, values_grad = self._fill_by_head_groups(
-                group_grads, [query_key * 0, values * 0])
-            return (query_key_grad, values_grad, None) + (None,) * len(
-                indices)
+            inputs_grad, kernel_grads = ops.fori_loop(
+                0, self.num_heads // group, body,
+                (inputs * 0, [k * 0 for k in kernels]))
+            return (inputs_grad, None, *kernel_grads)
 
-        run = with_custom_gradient(forward, backward)
-        (outputs,) = run(query_key, values, seed, *indices)
+        (outputs,) = with_custom_gradient(forward, backward)(
+            inputs, seed, *kernels)
         return outputs
+
+    def _group_kernels(self, kernels, g):
+        """Group `g`'s slices of the query-key, value and output kernels."""
+        group = self._group_size()
+        return [_heads(k, g * group, group, axis=axis)
+                for k, axis in zip(kernels, _HEAD_AXES)]
+
+    def _group_output(self, g, inputs, indices, dropout_seed, group_kernels):
+        """Head group `g`'s share of the layer's output `(batch, length,
+        hidden)`: its projections of `inputs` by `group_kernels` (see
+        `_group_kernels`), attention in the order of its heads' slices of
+        `indices` (of every head, from `_sort_by_buckets`) and output
+        projection; dropout (if `dropout_seed` is not None) seeded per
+        group."""
+        group = self._group_size()
+        query_key_kernel, value_kernel, output_kernel = group_kernels
+        outputs = self._attend_sorted(
+            self.project(inputs, query_key_kernel),
+            self.project(inputs, value_kernel),
+            [_heads(index, g * group, group) for index in indices],
+            None if dropout_seed is None else offset_seed(dropout_seed,
+                                                          [0, g]))
+        return ops.einsum("bnld,ndh->blh", outputs,
+                          ops.cast(output_kernel, outputs.dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -473,6 +526,10 @@ class LSHSelfAttention(SelfAttentionBase):
             "segments": self.segments,
         })
         return config
+
+
+# The heads axis of the query-key, value and output kernels.
+_HEAD_AXES = (1, 1, 0)
 
 
 def _heads(x, start, count, axis=1):

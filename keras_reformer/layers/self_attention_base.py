@@ -85,9 +85,9 @@ class SelfAttentionBase(keras.layers.Layer):
         have no allowed key at all, and its output must not carry anything
         from any position (a later one, say) into the residual stream.
         """
-        merged = ops.einsum("bnld,ndh->blh", outputs,
-                            ops.cast(self.output_kernel, outputs.dtype))
-        return merged * ops.cast(valid, merged.dtype)[..., None]
+        return zero_padding(ops.einsum(
+            "bnld,ndh->blh", outputs,
+            ops.cast(self.output_kernel, outputs.dtype)), valid)
 
     def call_with_cache(self, inputs, cache, index):
         """Causal attention for generation, one new position at a time.
@@ -148,6 +148,12 @@ class SelfAttentionBase(keras.layers.Layer):
             "seed": self.seed,
         })
         return config
+
+
+def zero_padding(outputs, valid):
+    """`outputs` `(batch, length, hidden)` with zeros where `valid`
+    `(batch, length)` is False."""
+    return outputs * ops.cast(valid, outputs.dtype)[..., None]
 
 
 def padding_mask_or_ones(padding_mask, inputs):
