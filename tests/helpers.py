@@ -67,14 +67,14 @@ y = ids[:, 1:]
 
 
 def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None,
-                  extras=None):
+                  slicing=None, result_axes=(2, 2)):
     """`chunked_attention.attention_in_runs` written as a plain loop: the
     same runs, slices and seeds under autodiff, no recomputation."""
     run = keras.ops.shape(layout[0])[2] // runs
-    results = [attend_run(s, run, run_slices(inputs, s, run, extras), layout,
-                          seed) for s in range(runs)]
-    return tuple(keras.ops.concatenate(parts, axis=2)
-                 for parts in zip(*results))
+    results = [attend_run(s, run, run_slices(inputs, s, run, slicing),
+                          layout, seed) for s in range(runs)]
+    return tuple(keras.ops.concatenate(parts, axis=axis)
+                 for parts, axis in zip(zip(*results), result_axes))
 
 
 def assert_same_value_and_grads(actual, expected):

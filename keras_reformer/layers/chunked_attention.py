@@ -181,50 +181,62 @@ def run_of(x, s, size):
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
 
 
-def run_slices(inputs, s, run, extras):
-    """Run `s`'s slices of `inputs`: each `(batch, heads, n, head_dim)`
-    input from `s * run` to `(s + 1) * run` plus its entry of `extras`;
-    `extras` None: the whole inputs."""
-    if extras is None:
+def run_slices(inputs, s, run, slicing):
+    """Run `s`'s view of `inputs`: `slicing` None (every input whole) or
+    one entry per input, None (the whole input) or `(axis, extra)`: the
+    input's entries `s * run` to `(s + 1) * run + extra` along `axis`."""
+    if slicing is None:
         return list(inputs)
-    return [ops.slice(x, [0, 0, s * run, 0],
-                      tuple(ops.shape(x)[:2]) + (run + extra,
-                                                 ops.shape(x)[3]))
-            for x, extra in zip(inputs, extras)]
+    return [x if how is None else _run_slice(x, s, run, *how)
+            for x, how in zip(inputs, slicing)]
+
+
+def _run_slice(x, s, run, axis, extra=0):
+    """Entries `s * run` to `(s + 1) * run + extra` of `x` along `axis`."""
+    shape = list(ops.shape(x))
+    starts = [0] * len(shape)
+    starts[axis], shape[axis] = s * run, run + extra
+    return ops.slice(x, starts, tuple(shape))
+
+
+def _add_to_run_slice(x, update, s, run, axis):
+    """`x` with `update` added to its entries from `s * run` along `axis`."""
+    starts = [0] * len(update.shape)
+    starts[axis] = s * run
+    return ops.slice_update(x, starts, ops.slice(x, starts, ops.shape(update))
+                            + update)
 
 
 def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
-                      seed=None, extras=None):
+                      seed=None, slicing=None, result_axes=(2, 2)):
     """Chunked attention over `slots` query slots in `runs` equal runs of
     chunks, one after another, each recomputed in the backward pass: the
     scores and key windows alive at once shrink `runs`-fold.
 
     Args:
         attend_run: `attend_run(s, run, inputs, layout, seed)` returning
-            run `s`'s `(outputs, logsumexp)`, for query slots `s * run` to
-            `(s + 1) * run`: `(batch, heads, run, head_dim)` and `(batch,
-            heads, run)`; `inputs` are the run's slices (`run_slices`),
+            run `s`'s results for query slots `s * run` to `(s + 1) * run`,
+            a tuple of tensors whose `result_axes` hold those slots (LSH:
+            outputs `(batch, heads, run, head_dim)` and logsumexp `(batch,
+            heads, run)`); `inputs` are the run's view (`run_slices`),
             `seed` is None or the seed tensor.
-        inputs: list of float tensors `(batch, heads, n, head_dim)` (the
-            differentiated projections).
+        inputs: list of float tensors (the differentiated ones).
         layout: list of integer or bool tensors (positions, validity), the
-            first `(batch, heads, slots)`, the query position at each slot.
+            first `(batch, heads, slots)`.
         runs: int dividing the `slots / chunk_length` chunks.
         chunk_length: int.
         seed: None (no dropout) or a seed tensor.
-        extras: None: every run takes the whole `inputs` (and gathers what
-            it needs; the backward sums full-length gradients); or one int
-            per input: run `s` takes slots `s * run` to `(s + 1) * run +
-            extra` of that input, and the backward adds each run's
-            gradients into its slices only (local attention: the extra is
-            the neighbouring chunks, with the keys padded in front).
+        slicing: see `run_slices`. A whole input's gradient is the sum of
+            the runs' (LSH gathers rows from whole projections); a sliced
+            one's is added into each run's slice only (local attention:
+            neighbouring chunks are one slice of padded inputs).
+        result_axes: the axis of each result that holds the run's slots.
 
     Returns:
-        `(outputs, logsumexp)`: `(batch, heads, slots, head_dim)` in the
-        dtype of `inputs[-1]`, and `(batch, heads, slots)` in float32.
+        The results of the whole sequence, each the runs' results
+        concatenated along its axis of `result_axes`.
     """
-    batch, heads, slots = ops.shape(layout[0])
-    head_dim = ops.shape(inputs[-1])[-1]
+    slots = ops.shape(layout[0])[2]
     num_chunks = slots // chunk_length
     if isinstance(num_chunks, int) and num_chunks % runs:
         raise ValueError(
@@ -233,56 +245,51 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
     run = slots // runs
     has_seed = seed is not None
     seed = seed if has_seed else ops.zeros((2,), "int32")
-
-    def run_at(s, slices, layout, seed):
-        return attend_run(s, run, slices, layout, seed if has_seed else None)
-
-    def add_run_grads(s, grads, run_grads):
-        if extras is None:
-            return [g + r for g, r in zip(grads, run_grads)]
-        start = [0, 0, s * run, 0]
-        return [ops.slice_update(g, start, ops.slice(g, start, ops.shape(r))
-                                 + r)
-                for g, r in zip(grads, run_grads)]
-
     num_inputs = len(inputs)
+    slicing = slicing or [None] * num_inputs
+    result_shapes = []
+
+    def run_at(s, inputs, layout, seed):
+        return attend_run(s, run, run_slices(inputs, s, run, slicing),
+                          layout, seed if has_seed else None)
 
     def forward(seed, *tensors):
         inputs, layout = list(tensors[:num_inputs]), tensors[num_inputs:]
+        # Run 0 shapes the results (and its buffers, computed from data,
+        # are not constants that XLA might allocate at program start).
+        first = run_at(0, inputs, layout, seed)
+        results = [ops.pad(r, [[0, 0]] * axis + [[0, slots - run]]
+                           + [[0, 0]] * (len(r.shape) - axis - 1))
+                   for r, axis in zip(first, result_axes)]
+        result_shapes[:] = [(ops.shape(r), r.dtype) for r in results]
 
         def body(s, results):
-            outputs, logsumexp = run_at(
-                s, run_slices(inputs, s, run, extras), layout, seed)
-            return [ops.slice_update(results[0], [0, 0, s * run, 0],
-                                     outputs),
-                    ops.slice_update(results[1], [0, 0, s * run],
-                                     logsumexp)]
+            return [ops.slice_update(
+                result, [0] * axis + [s * run] + [0] * (len(r.shape) - axis
+                                                        - 1), r)
+                    for result, r, axis in zip(
+                        results, run_at(s, inputs, layout, seed),
+                        result_axes)]
 
-        # Zeros computed from an input, not constants: see
-        # `ChunkedFeedForward` (a constant buffer may be allocated at
-        # program start, one per layer).
-        zero = ops.cast(inputs[0][:, :, :1, :] * 0, inputs[-1].dtype)
-        results = ops.fori_loop(0, runs, body, [
-            ops.broadcast_to(zero, (batch, heads, slots, head_dim)),
-            ops.broadcast_to(ops.cast(zero[..., 0], "float32"),
-                             (batch, heads, slots))])
+        results = ops.fori_loop(1, runs, body, results)
         return tuple(results), (seed, inputs, layout)
 
-    def backward(residuals, output_grads):
+    def backward(residuals, result_grads):
         seed, inputs, layout = residuals
-        outputs_grad, logsumexp_grad = output_grads
-        if logsumexp_grad is None:  # TensorFlow, where it is unused
-            logsumexp_grad = ops.zeros((batch, heads, slots), "float32")
+        # TensorFlow passes None for an unused result.
+        result_grads = [ops.zeros(*shape) if g is None else g
+                        for g, shape in zip(result_grads, result_shapes)]
 
         def body(s, grads):
             _, run_grads = value_and_vjp(
-                lambda *slices: run_at(s, list(slices), layout, seed),
-                run_slices(inputs, s, run, extras),
-                (ops.slice(outputs_grad, [0, 0, s * run, 0],
-                           (batch, heads, run, head_dim)),
-                 ops.slice(logsumexp_grad, [0, 0, s * run],
-                           (batch, heads, run))))
-            return add_run_grads(s, grads, run_grads)
+                lambda *views: attend_run(s, run, list(views), layout,
+                                          seed if has_seed else None),
+                run_slices(inputs, s, run, slicing),
+                tuple(_run_slice(g, s, run, axis)
+                      for g, axis in zip(result_grads, result_axes)))
+            return [g + r if how is None else
+                    _add_to_run_slice(g, r, s, run, how[0])
+                    for g, r, how in zip(grads, run_grads, slicing)]
 
         # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
         grads = ops.fori_loop(0, runs, body, [x * 0 for x in inputs])

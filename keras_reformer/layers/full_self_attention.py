@@ -45,7 +45,7 @@ class FullSelfAttention(KeyValueAttention):
         return ops.arange(capacity, dtype="int32")
 
     def _attend(self, inputs, valid, seed):
-        """Outputs `(batch, length, hidden)` and the projections."""
+        """Outputs `(batch, length, hidden)` and the inputs attended."""
         projections = self.project_all(inputs)
         positions = ops.arange(ops.shape(inputs)[1], dtype="int32")
 
@@ -56,7 +56,7 @@ class FullSelfAttention(KeyValueAttention):
 
         outputs, _ = attend(*projections, mask_fn,
                             self.dropout_fn(seed is not None, seed))
-        return self.merge_heads(outputs, valid), projections
+        return self.merge_heads(outputs, valid), inputs
 
     def get_config(self):
         config = super().get_config()

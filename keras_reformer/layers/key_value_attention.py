@@ -17,10 +17,10 @@ class KeyValueAttention(SelfAttentionBase):
     and reads those of the new position's window.
 
     Subclasses implement `_attend(inputs, valid, seed)` (`seed`: None, or
-    the dropout seed while training) returning the outputs and the
-    `(queries, keys, values)` projections of the (possibly padded) sequence,
-    and `_decode_positions(index)`, the key positions a query at `index`
-    may see.
+    the dropout seed while training) returning the outputs and the inputs
+    as attended (padded, for local attention: the cache holds their keys
+    and values), and `_decode_positions(index)`, the key positions a query
+    at `index` may see.
     """
 
     def call(self, inputs, padding_mask=None, training=None, seed=None):
@@ -31,8 +31,9 @@ class KeyValueAttention(SelfAttentionBase):
 
     def prefill(self, inputs, prefix_length):
         """See `call_with_cache`; the cache holds keys and values."""
-        outputs, (_, keys, values) = self._attend(
+        outputs, attended = self._attend(
             inputs, prefix_mask(inputs, prefix_length), None)
+        _, keys, values = self.project_all(attended)
         return outputs, {"keys": keys, "values": values}
 
     def decode_step(self, inputs, cache, index):

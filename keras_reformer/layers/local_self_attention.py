@@ -8,8 +8,10 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import look_adjacent
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.key_value_attention import KeyValueAttention
+from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.self_attention_base import pad_to_multiple
+from keras_reformer.layers.self_attention_base import zero_padding
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
 
@@ -73,13 +75,12 @@ class LocalSelfAttention(KeyValueAttention):
         return first + ops.arange(window, dtype="int32")
 
     def _attend(self, inputs, valid, seed):
-        """Outputs `(batch, length, hidden)` and the projections of the
-        inputs padded to a multiple of `chunk_length`; `seed`: None (no
-        dropout) or the dropout seed."""
+        """Outputs `(batch, length, hidden)` and the inputs padded to a
+        multiple of `chunk_length`; `seed`: None (no dropout) or the
+        dropout seed."""
         batch, length = ops.shape(inputs)[0], ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
         padded_length = ops.shape(inputs)[1]
-        projections = self.project_all(inputs)
         shape = (batch, self.num_heads, padded_length)
         positions = ops.broadcast_to(
             ops.arange(padded_length, dtype="int32"), shape)
@@ -87,12 +88,12 @@ class LocalSelfAttention(KeyValueAttention):
         if self.dropout == 0.0:
             seed = None
         if self.segments is None:
-            outputs = self._attend_whole(projections, positions, key_valid,
-                                         seed)
+            outputs = self.merge_heads(self._attend_whole(
+                self.project_all(inputs), positions, key_valid, seed), valid)
         else:
-            outputs = self._attend_segments(projections, positions,
-                                            key_valid, seed)
-        return self.merge_heads(outputs, valid)[:, :length], projections
+            outputs = zero_padding(self._attend_segments(
+                inputs, positions, key_valid, seed), valid)
+        return outputs[:, :length], inputs
 
     def _attend_whole(self, projections, positions, key_valid, seed):
         """Every chunk at once: `(batch, heads, length, head_dim)`."""
@@ -121,39 +122,48 @@ class LocalSelfAttention(KeyValueAttention):
             window=(self.chunk_length, offsets))
         return outputs
 
-    def _attend_segments(self, projections, positions, key_valid, seed):
-        """`_attend_whole` in `segments` runs of chunks
-        (`attention_in_runs`). Keys, values and their validity are padded
-        by the neighbouring chunks' length at both ends, so run `s`'s key
-        windows are one slice: no gathers, and each run's gradient lands in
-        its slice."""
+    def _attend_segments(self, inputs, positions, key_valid, seed):
+        """`_attend_whole` and the output projection in `segments` runs of
+        chunks (`attention_in_runs`): `(batch, length, hidden)`.
+
+        Each run projects its own queries, keys and values from a slice of
+        the inputs, which are padded by the neighbouring chunks' length at
+        both ends, so that a run's key windows are one slice: no gathers, no
+        whole-sequence projections, and the backward adds each run's input
+        gradient into its slice only.
+        """
         before = self.num_chunks_before * self.chunk_length
         after = self.num_chunks_after * self.chunk_length
 
-        def pad(x):
-            widths = [[0, 0], [0, 0], [before, after]]
-            return ops.pad(x, widths + [[0, 0]] * (len(x.shape) - 3))
+        def pad(x, axis):
+            widths = [[0, 0]] * len(x.shape)
+            widths[axis] = [before, after]
+            return ops.pad(x, widths)
 
-        queries, keys, values = projections
-        padded_valid = pad(ops.cast(key_valid, "int32")) > 0
-        outputs, _ = attention_in_runs(
-            self._attend_run, [queries, pad(keys), pad(values)],
+        kernels = tensor_values([self.query_kernel, self.key_kernel,
+                                 self.value_kernel, self.output_kernel])
+        padded_valid = pad(ops.cast(key_valid, "int32"), 2) > 0
+        (outputs,) = attention_in_runs(
+            self._attend_run, [pad(inputs, 1), *kernels],
             [positions, padded_valid], self.segments, self.chunk_length,
-            seed, extras=[0, before + after, before + after])
+            seed, slicing=[(1, before + after)] + [None] * len(kernels),
+            result_axes=(1,))
         return outputs
 
-    def _attend_run(self, s, run, slices, layout, seed):
+    def _attend_run(self, s, run, inputs, layout, seed):
         """Run `s` (positions `s * run` onwards) of `_attend_segments`:
-        `slices` are its queries and its padded keys and values, which
-        start `num_chunks_before` chunks earlier."""
-        queries, keys, values = slices
+        `inputs` are its slice of the padded inputs, which starts
+        `num_chunks_before` chunks earlier, and the four kernels."""
+        window_inputs, *kernels = inputs
+        query_kernel, key_kernel, value_kernel, output_kernel = kernels
         positions, padded_valid = layout
-        batch, heads = ops.shape(queries)[0], ops.shape(queries)[1]
+        batch, heads = ops.shape(positions)[0], ops.shape(positions)[1]
+        before = self.num_chunks_before * self.chunk_length
         width = self.num_chunks_before + 1 + self.num_chunks_after
-        size = ops.shape(keys)[2]
-        first = s * run - self.num_chunks_before * self.chunk_length
+        size = ops.shape(window_inputs)[1]
         key_positions = ops.broadcast_to(
-            first + ops.arange(size, dtype="int32"), (batch, heads, size))
+            s * run - before + ops.arange(size, dtype="int32"),
+            (batch, heads, size))
 
         def windows(x):
             """Chunk `u`'s window: chunks `u` to `u + width - 1` of `x`."""
@@ -166,14 +176,22 @@ class LocalSelfAttention(KeyValueAttention):
             return ops.reshape(ops.concatenate(parts, axis=3),
                                (batch, heads, run * width) + tail)
 
-        return chunked_attention(
-            queries, windows(keys), windows(values), run_of(positions, s, run),
-            windows(key_positions),
+        queries = self.project(
+            ops.slice(window_inputs, [0, before, 0],
+                      (batch, run, ops.shape(window_inputs)[2])),
+            query_kernel)
+        keys = self.project(window_inputs, key_kernel) / (self.head_dim**0.5)
+        outputs, _ = chunked_attention(
+            queries, windows(keys),
+            windows(self.project(window_inputs, value_kernel)),
+            run_of(positions, s, run), windows(key_positions),
             windows(ops.slice(padded_valid, [0, 0, s * run],
                               (batch, heads, size))),
             self.chunk_length, self.causal, mask_self=False,
             dropout_fn=self.dropout_fn(seed is not None,
                                        offset_seed(seed, [s, 0])))
+        return (ops.einsum("bnld,ndh->blh", outputs,
+                           ops.cast(output_kernel, outputs.dtype)),)
 
     def get_config(self):
         config = super().get_config()
