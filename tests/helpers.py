@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 
-from keras_reformer.layers.chunked_attention import run_slices
+from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
 
 
@@ -71,7 +71,7 @@ def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None,
     """`chunked_attention.attention_in_runs` written as a plain loop: the
     same runs, slices and seeds under autodiff, no recomputation."""
     run = keras.ops.shape(layout[0])[2] // runs
-    results = [attend_run(s, run, run_slices(inputs, s, run, slicing),
+    results = [attend_run(s, run, step_views(inputs, s, run, slicing),
                           layout, seed) for s in range(runs)]
     return tuple(keras.ops.concatenate(parts, axis=axis)
                  for parts, axis in zip(zip(*results), result_axes))

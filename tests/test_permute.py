@@ -9,6 +9,7 @@ from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
 from tests.helpers import assert_recomputed_gradient_equals_autodiff
@@ -134,9 +135,11 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
             lambda g, size: lsh_self_attention._heads(query_key, g * size,
                                                       size),
             rotations), valid)
+        size = self.parallel_heads
+        slicing = [(axis, 0) for axis in lsh_self_attention._HEAD_AXES]
         return sum(self._group_output(g, inputs, indices, dropout_seed,
-                                      self._group_kernels(kernels, g))
-                   for g in range(self.num_heads // self.parallel_heads))
+                                      step_views(kernels, g, size, slicing))
+                   for g in range(self.num_heads // size))
 
     assert_recomputed_gradient_equals_autodiff(
         grouped, lambda: monkeypatch.setattr(

@@ -14,8 +14,7 @@ the tokens were sorted into:
 import keras
 from keras import ops
 
-from keras_reformer.layers.custom_gradient import value_and_vjp
-from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.recomputed_loop import recomputed_loop
 
 
 def mask_values(dtype):
@@ -181,60 +180,34 @@ def run_of(x, s, size):
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
 
 
-def run_slices(inputs, s, run, slicing):
-    """Run `s`'s view of `inputs`: `slicing` None (every input whole) or
-    one entry per input, None (the whole input) or `(axis, extra)`: the
-    input's entries `s * run` to `(s + 1) * run + extra` along `axis`."""
-    if slicing is None:
-        return list(inputs)
-    return [x if how is None else _run_slice(x, s, run, *how)
-            for x, how in zip(inputs, slicing)]
-
-
-def _run_slice(x, s, run, axis, extra=0):
-    """Entries `s * run` to `(s + 1) * run + extra` of `x` along `axis`."""
-    shape = list(ops.shape(x))
-    starts = [0] * len(shape)
-    starts[axis], shape[axis] = s * run, run + extra
-    return ops.slice(x, starts, tuple(shape))
-
-
-def _add_to_run_slice(x, update, s, run, axis):
-    """`x` with `update` added to its entries from `s * run` along `axis`."""
-    starts = [0] * len(update.shape)
-    starts[axis] = s * run
-    return ops.slice_update(x, starts, ops.slice(x, starts, ops.shape(update))
-                            + update)
-
-
 def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
                       seed=None, slicing=None, result_axes=(2, 2)):
     """Chunked attention over `slots` query slots in `runs` equal runs of
-    chunks, one after another, each recomputed in the backward pass: the
-    scores and key windows alive at once shrink `runs`-fold.
+    chunks, one after another, each recomputed in the backward pass
+    (`recomputed_loop`): the scores and key windows alive at once shrink
+    `runs`-fold.
 
     Args:
         attend_run: `attend_run(s, run, inputs, layout, seed)` returning
             run `s`'s results for query slots `s * run` to `(s + 1) * run`,
             a tuple of tensors whose `result_axes` hold those slots (LSH:
             outputs `(batch, heads, run, head_dim)` and logsumexp `(batch,
-            heads, run)`); `inputs` are the run's view (`run_slices`),
-            `seed` is None or the seed tensor.
+            heads, run)`); `inputs` are the run's `step_views`, `seed` is
+            None or the seed tensor.
         inputs: list of float tensors (the differentiated ones).
         layout: list of integer or bool tensors (positions, validity), the
             first `(batch, heads, slots)`.
         runs: int dividing the `slots / chunk_length` chunks.
         chunk_length: int.
         seed: None (no dropout) or a seed tensor.
-        slicing: see `run_slices`. A whole input's gradient is the sum of
-            the runs' (LSH gathers rows from whole projections); a sliced
-            one's is added into each run's slice only (local attention:
-            neighbouring chunks are one slice of padded inputs).
+        slicing: see `step_views`: whole inputs (LSH gathers rows from the
+            whole projections) or slices (local attention: neighbouring
+            chunks are one slice of the padded inputs).
         result_axes: the axis of each result that holds the run's slots.
 
     Returns:
-        The results of the whole sequence, each the runs' results
-        concatenated along its axis of `result_axes`.
+        The results of the whole sequence, each the runs' results laid end
+        to end along its axis of `result_axes`.
     """
     slots = ops.shape(layout[0])[2]
     num_chunks = slots // chunk_length
@@ -243,56 +216,8 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
             f"segments={runs} must divide the {num_chunks} chunks attended "
             f"({slots} query slots with chunk_length={chunk_length}).")
     run = slots // runs
-    has_seed = seed is not None
-    seed = seed if has_seed else ops.zeros((2,), "int32")
-    num_inputs = len(inputs)
-    slicing = slicing or [None] * num_inputs
-    result_shapes = []
-
-    def run_at(s, inputs, layout, seed):
-        return attend_run(s, run, run_slices(inputs, s, run, slicing),
-                          layout, seed if has_seed else None)
-
-    def forward(seed, *tensors):
-        inputs, layout = list(tensors[:num_inputs]), tensors[num_inputs:]
-        # Run 0 shapes the results (and its buffers, computed from data,
-        # are not constants that XLA might allocate at program start).
-        first = run_at(0, inputs, layout, seed)
-        results = [ops.pad(r, [[0, 0]] * axis + [[0, slots - run]]
-                           + [[0, 0]] * (len(r.shape) - axis - 1))
-                   for r, axis in zip(first, result_axes)]
-        result_shapes[:] = [(ops.shape(r), r.dtype) for r in results]
-
-        def body(s, results):
-            return [ops.slice_update(
-                result, [0] * axis + [s * run] + [0] * (len(r.shape) - axis
-                                                        - 1), r)
-                    for result, r, axis in zip(
-                        results, run_at(s, inputs, layout, seed),
-                        result_axes)]
-
-        results = ops.fori_loop(1, runs, body, results)
-        return tuple(results), (seed, inputs, layout)
-
-    def backward(residuals, result_grads):
-        seed, inputs, layout = residuals
-        # TensorFlow passes None for an unused result.
-        result_grads = [ops.zeros(*shape) if g is None else g
-                        for g, shape in zip(result_grads, result_shapes)]
-
-        def body(s, grads):
-            _, run_grads = value_and_vjp(
-                lambda *views: attend_run(s, run, list(views), layout,
-                                          seed if has_seed else None),
-                run_slices(inputs, s, run, slicing),
-                tuple(_run_slice(g, s, run, axis)
-                      for g, axis in zip(result_grads, result_axes)))
-            return [g + r if how is None else
-                    _add_to_run_slice(g, r, s, run, how[0])
-                    for g, r, how in zip(grads, run_grads, slicing)]
-
-        # `x * 0`, not `zeros_like`: see `ChunkedFeedForward`.
-        grads = ops.fori_loop(0, runs, body, [x * 0 for x in inputs])
-        return (None, *grads) + (None,) * len(layout)
-
-    return with_custom_gradient(forward, backward)(seed, *inputs, *layout)
+    return recomputed_loop(
+        lambda s, views, layout, seed: attend_run(s, run, views, layout,
+                                                  seed),
+        inputs, runs, run, slicing=slicing, result_axes=result_axes,
+        layout=tuple(layout), seed=seed)

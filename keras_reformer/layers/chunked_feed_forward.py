@@ -4,11 +4,11 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.custom_gradient import tensor_values
-from keras_reformer.layers.custom_gradient import value_and_vjp
-from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.seeds import TensorSeed
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
+from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_rate
 
@@ -92,53 +92,15 @@ class ChunkedFeedForward(keras.layers.Layer):
         padded = ops.concatenate([inputs, ops.zeros(
             (batch, padded_length - length, hidden_dim), inputs.dtype)], axis=1)
 
-        def chunk_start(i):
-            return [0, i * self.chunk_length, 0]
+        def chunk_output(i, views, layout, seed):
+            chunk, *weights = views
+            return (self.feed_forward(chunk, weights, training,
+                                      offset_seed(seed, [0, i])),)
 
-        def chunk_of(x, i):
-            return ops.slice(x, chunk_start(i),
-                             (batch, self.chunk_length, ops.shape(x)[2]))
-
-        def chunk_seed(i):
-            return seed + ops.cast(ops.stack([0, i]), seed.dtype)
-
-        def forward(x, seed, *weights):
-            def body(i, out):
-                chunk = self.feed_forward(chunk_of(x, i), weights, training,
-                                          chunk_seed(i))
-                return ops.slice_update(out, chunk_start(i), chunk)
-
-            # `x * 0`, not `zeros_like(x)`: a constant buffer has no inputs,
-            # so XLA may allocate it at program start and keep one per layer
-            # alive (measured: benchmarks/reversible_memory.py).
-            out = ops.fori_loop(0, num_chunks, body, x * 0)
-            return (out,), (x, seed, weights)
-
-        def backward(residuals, output_grads):
-            x, seed, weights = residuals
-            (output_grad,) = output_grads
-
-            def body(i, carry):
-                x_grad, weight_grads = carry
-
-                def chunk_ff(chunk, *weights):
-                    return (self.feed_forward(chunk, weights, training,
-                                              chunk_seed(i)),)
-
-                _, grads = value_and_vjp(
-                    chunk_ff, [chunk_of(x, i), *weights],
-                    (chunk_of(output_grad, i),))
-                x_grad = ops.slice_update(x_grad, chunk_start(i), grads[0])
-                weight_grads = [a + g for a, g in zip(weight_grads, grads[1:])]
-                return x_grad, weight_grads
-
-            x_grad, weight_grads = ops.fori_loop(
-                0, num_chunks, body,
-                (x * 0, [ops.zeros_like(w) for w in weights]))
-            return (x_grad, None, *weight_grads)
-
-        run = with_custom_gradient(forward, backward)
-        (outputs,) = run(padded, seed, *weights)
+        (outputs,) = recomputed_loop(
+            chunk_output, [padded, *weights], num_chunks, self.chunk_length,
+            slicing=[(1, 0)] + [None] * len(weights), result_axes=(1,),
+            seed=seed)
         return outputs[:, :length]
 
     def call_with_cache(self, inputs, cache, index):

@@ -1,6 +1,6 @@
 """Custom gradients with explicit inputs, one implementation per backend.
 
-The reversible stack and the chunked feed-forward both replace autodiff's
+The reversible stack and `recomputed_loop` both replace autodiff's
 stored activations with recomputation. They describe their gradient once, as
 a `forward` and a `backward` written with `keras.ops`; this module registers
 that pair with the backend: `tf.custom_gradient` on TensorFlow and

@@ -11,9 +11,8 @@ from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.chunked_attention import take_rows
 from keras_reformer.layers.custom_gradient import tensor_values
-from keras_reformer.layers.custom_gradient import value_and_vjp
-from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
 from keras_reformer.layers.self_attention_base import padding_mask_or_ones
@@ -428,8 +427,8 @@ class LSHSelfAttention(SelfAttentionBase):
         indices of every head are kept). Then only one group's projections,
         chunked scores, windows and sorted copies are alive at once; the
         backward pass recomputes each group's projections and attention
-        instead of storing them, and differentiates them with respect to the
-        inputs and the group's slices of the kernels.
+        instead of storing them (`recomputed_loop`), and differentiates them
+        with respect to the inputs and the group's slices of the kernels.
 
         Args:
             inputs: `(batch, length, hidden)`, padded to whole chunks.
@@ -441,64 +440,24 @@ class LSHSelfAttention(SelfAttentionBase):
             `(batch, length, hidden)`, before padded positions are zeroed.
         """
         group = self._group_size()
-        seed = ops.zeros((2,), "int32") if dropout_seed is None else (
-            dropout_seed)
         kernels = tensor_values([self.query_key_kernel, self.value_kernel,
                                  self.output_kernel])
         _, _, indices = self._sort_by_buckets(self._hash(
             lambda g, group: self.project(
                 inputs, _heads(kernels[0], g * group, group)),
             rotations), valid)
-
-        def group_output(g, inputs, seed, group_kernels):
-            return self._group_output(
-                g, inputs, indices, None if dropout_seed is None else seed,
-                group_kernels)
-
-        def forward(inputs, seed, *kernels):
-            def body(g, total):
-                return total + group_output(
-                    g, inputs, seed, self._group_kernels(kernels, g))
-
-            # `inputs * 0`, not `zeros_like`: see `ChunkedFeedForward`.
-            total = ops.fori_loop(0, self.num_heads // group, body,
-                                  inputs * 0)
-            return (total,), (inputs, seed, kernels)
-
-        def backward(residuals, output_grads):
-            inputs, seed, kernels = residuals
-
-            def body(g, grads):
-                inputs_grad, kernel_grads = grads
-                _, group_grads = value_and_vjp(
-                    lambda x, *k: (group_output(g, x, seed, k),),
-                    [inputs, *self._group_kernels(kernels, g)], output_grads)
-                kernel_grads = [
-                    ops.slice_update(k, [0] * axis + [g * group]
-                                     + [0] * (2 - axis), update)
-                    for k, update, axis in zip(kernel_grads,
-                                               group_grads[1:], _HEAD_AXES)]
-                return inputs_grad + group_grads[0], kernel_grads
-
-            inputs_grad, kernel_grads = ops.fori_loop(
-                0, self.num_heads // group, body,
-                (inputs * 0, [k * 0 for k in kernels]))
-            return (inputs_grad, None, *kernel_grads)
-
-        (outputs,) = with_custom_gradient(forward, backward)(
-            inputs, seed, *kernels)
+        (outputs,) = recomputed_loop(
+            lambda g, views, indices, seed: (self._group_output(
+                g, views[0], indices, seed, views[1:]),),
+            [inputs, *kernels], self.num_heads // group, group,
+            slicing=[None] + [(axis, 0) for axis in _HEAD_AXES],
+            layout=tuple(indices), seed=dropout_seed)
         return outputs
-
-    def _group_kernels(self, kernels, g):
-        """Group `g`'s slices of the query-key, value and output kernels."""
-        group = self._group_size()
-        return [_heads(k, g * group, group, axis=axis)
-                for k, axis in zip(kernels, _HEAD_AXES)]
 
     def _group_output(self, g, inputs, indices, dropout_seed, group_kernels):
         """Head group `g`'s share of the layer's output `(batch, length,
-        hidden)`: its projections of `inputs` by `group_kernels` (see
-        `_group_kernels`), attention in the order of its heads' slices of
+        hidden)`: its projections of `inputs` by `group_kernels` (its
+        heads' slices of the query-key, value and output kernels), attention in the order of its heads' slices of
         `indices` (of every head, from `_sort_by_buckets`) and output
         projection; dropout (if `dropout_seed` is not None) seeded per
         group."""
