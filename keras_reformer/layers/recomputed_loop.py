@@ -80,7 +80,7 @@ def recomputed_loop(step_fn, inputs, steps, size, slicing=None,
     >>> (squares,) = recomputed_loop(
     ...     lambda i, views, layout, seed: (views[0] ** 2,), [x], 4, 2,
     ...     slicing=[(1, 0)], result_axes=(1,))
-    >>> squares.shape
+    >>> tuple(squares.shape)
     (2, 8, 4)
     """
     has_seed = seed is not None
