@@ -38,6 +38,10 @@ def layer_cases():
         "lsh_factorised": lambda: LSHSelfAttention(
             2, 8, chunk_length=2, num_hashes=2, num_buckets=(2, 4),
             causal=True, seed=4),
+        # Prefill by head groups, with the cache of every head beside it.
+        "lsh_one_head_at_a_time": lambda: LSHSelfAttention(
+            2, 8, chunk_length=4, num_hashes=3, num_buckets=4, causal=True,
+            seed=2, parallel_heads=1),
     }
 
 
