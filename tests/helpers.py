@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
 
@@ -70,7 +71,9 @@ def unrolled_runs(attend_run, inputs, layout, runs, chunk_length, seed=None,
                   slicing=None, result_axes=(2, 2)):
     """`chunked_attention.attention_in_runs` written as a plain loop: the
     same runs, slices and seeds under autodiff, no recomputation."""
-    run = keras.ops.shape(layout[0])[2] // runs
+    slots = keras.ops.shape(layout[0])[2]
+    runs = dividing_runs(runs, slots // chunk_length)
+    run = slots // runs
     results = [attend_run(s, run, step_views(inputs, s, run, slicing),
                           layout, seed) for s in range(runs)]
     return tuple(keras.ops.concatenate(parts, axis=axis)

@@ -53,10 +53,17 @@ def test_each_decoded_position_equals_the_whole_prefix(case):
     prefill, cache = layer.call_with_cache(x, None, PREFIX)
     assert_close(to_numpy(prefill)[:, :PREFIX], layer(x[:, :PREFIX]),
                  atol=1e-5)
+
+    def whole_prefix(t):
+        """Position `t`'s output for the prefix up to it, the later
+        positions masked as padding (which changes nothing before them,
+        tested per layer; one shape, so JAX compiles once)."""
+        mask = np.broadcast_to(np.arange(LENGTH) <= t, (2, LENGTH))
+        return to_numpy(layer(x, padding_mask=mask.astype("int32")))[:, t]
+
     for t in range(PREFIX, LENGTH):
         out, cache = layer.call_with_cache(x[:, t:t + 1], cache, t)
-        assert_close(to_numpy(out)[:, 0], to_numpy(layer(x[:, :t + 1]))[:, t],
-                     atol=1e-5)
+        assert_close(to_numpy(out)[:, 0], whole_prefix(t), atol=1e-5)
 
 
 def test_decoding_needs_a_causal_layer():
@@ -103,10 +110,17 @@ def test_model_logits_equal_the_whole_prefix(attention_types):
 
 
 def greedy_by_recomputing(lm, prompt, total):
+    """Greedy decoding by running the whole model on each prefix, padded to
+    `total` tokens (padding changes no earlier position's logits, tested
+    per layer; one shape, so JAX compiles once)."""
     tokens = list(prompt)
     while len(tokens) < total:
-        ids = np.array([tokens], "int32")
-        tokens.append(int(np.argmax(whole_prefix_logits(lm, ids)[0])))
+        known = len(tokens)
+        ids = np.zeros((1, total), "int32")
+        ids[0, :known] = tokens
+        mask = (np.arange(total) < known).astype("int32")[None]
+        logits = to_numpy(lm({"token_ids": ids, "padding_mask": mask}))
+        tokens.append(int(np.argmax(logits[0, known - 1])))
     return tokens
 
 

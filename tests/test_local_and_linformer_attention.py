@@ -125,14 +125,11 @@ def test_local_segments_recomputed_gradient_equals_autodiff_with_dropout(
             local_self_attention, "attention_in_runs", unrolled_runs))
 
 
-def test_local_segments_must_divide_the_chunks():
+def test_local_segments_that_do_not_divide_the_chunks_use_a_divisor():
     with pytest.raises(ValueError, match="segments=0"):
         LocalSelfAttention(2, 8, segments=0)
-    layer = LocalSelfAttention(2, 8, chunk_length=4, segments=3)
-    with pytest.raises(ValueError, match="segments=3 must divide the 8 "
-                       "chunks"):
-        layer(np.zeros((1, 29, 24), "float32"))
-
+    # 8 chunks in 3 segments: 2 runs of 4 chunks.
+    assert_same_as_whole(*_segmented_and_whole(3))
 
 
 @pytest.mark.parametrize("sharing", ["none", "headwise", "key_value"])

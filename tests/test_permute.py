@@ -1,5 +1,6 @@
 """Row gathers whose gradient gathers too, against plain autodiff."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -7,6 +8,7 @@ from keras import ops
 from keras_reformer.layers import LSHSelfAttention
 from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
+from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import step_views
@@ -180,11 +182,22 @@ def test_segments_recomputed_gradient_equals_autodiff_with_dropout(
             lsh_self_attention, "attention_in_runs", unrolled_runs))
 
 
-def test_segments_must_divide_the_chunks():
+def test_segments_that_do_not_divide_the_chunks_use_a_divisor():
     with pytest.raises(ValueError, match="segments=0"):
         LSHSelfAttention(2, 8, segments=0)
-    layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=2,
-                             num_buckets=4, segments=3)
-    with pytest.raises(ValueError, match="segments=3 must divide the 16 "
-                       "chunks"):
-        layer(np.zeros((1, 29, 24), "float32"))
+    # 16 chunks (2 rounds of 8) in 6 segments: 4 runs of 4 chunks.
+    assert_same_as_whole(*_segmented_and_whole(6))
+    assert dividing_runs(6, 16) == 4 and dividing_runs(16, 7) == 7
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="lengths unknown while tracing exist only in "
+                    "TensorFlow graphs")
+def test_segments_with_a_length_unknown_while_tracing_attend_in_one_run():
+    import tensorflow as tf
+
+    segmented, whole = _segmented_and_whole(4)
+    x, _ = padded_inputs()
+    traced = tf.function(segmented, input_signature=[
+        tf.TensorSpec((2, None, 24), "float32")])
+    assert_close(traced(x), whole(x), atol=1e-5)

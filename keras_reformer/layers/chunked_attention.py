@@ -180,6 +180,16 @@ def run_of(x, s, size):
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))
 
 
+def dividing_runs(runs, num_chunks):
+    """The largest number of runs, at most `runs`, that divides
+    `num_chunks` into equal runs; 1 when `num_chunks` is unknown (a tensor:
+    the length is unknown while tracing)."""
+    if not isinstance(num_chunks, int):
+        return 1
+    return max(n for n in range(1, min(runs, num_chunks) + 1)
+               if num_chunks % n == 0)
+
+
 def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
                       seed=None, slicing=None, result_axes=(2, 2)):
     """Chunked attention over `slots` query slots in `runs` equal runs of
@@ -197,7 +207,9 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
         inputs: list of float tensors (the differentiated ones).
         layout: list of integer or bool tensors (positions, validity), the
             first `(batch, heads, slots)`.
-        runs: int dividing the `slots / chunk_length` chunks.
+        runs: int, the runs wanted: the largest number of runs not above
+            it that divides the `slots / chunk_length` chunks is used (one
+            run when the length is unknown while tracing).
         chunk_length: int.
         seed: None (no dropout) or a seed tensor.
         slicing: see `step_views`: whole inputs (LSH gathers rows from the
@@ -210,11 +222,7 @@ def attention_in_runs(attend_run, inputs, layout, runs, chunk_length,
         to end along its axis of `result_axes`.
     """
     slots = ops.shape(layout[0])[2]
-    num_chunks = slots // chunk_length
-    if isinstance(num_chunks, int) and num_chunks % runs:
-        raise ValueError(
-            f"segments={runs} must divide the {num_chunks} chunks attended "
-            f"({slots} query slots with chunk_length={chunk_length}).")
+    runs = dividing_runs(runs, slots // chunk_length)
     run = slots // runs
     return recomputed_loop(
         lambda s, views, layout, seed: attend_run(s, run, views, layout,

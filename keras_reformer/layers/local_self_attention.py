@@ -36,12 +36,14 @@ class LocalSelfAttention(KeyValueAttention):
         causal: bool, a token never attends to later tokens.
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds dropout.
-        segments: None (all chunks at once) or an int dividing the number
-            of chunks: the chunks are attended in that many runs, one after
-            another, each recomputed in the backward pass, so only one
-            run's scores and key windows are alive at once (less memory for
-            very long sequences; the same outputs and gradients, dropout
-            aside, which is drawn per run).
+        segments: None (all chunks at once) or an int: the chunks are
+            attended in that many runs, one after another, each recomputed
+            in the backward pass, so only one run's scores and key windows
+            are alive at once (less memory for very long sequences; the same
+            outputs and gradients, dropout aside, which is drawn per run).
+            Where it does not divide the number of chunks, the largest
+            number of runs below it that does is used (1 when the length is
+            unknown while tracing).
 
     Example:
     >>> layer = LocalSelfAttention(num_heads=2, head_dim=16, chunk_length=8,

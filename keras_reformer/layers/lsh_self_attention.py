@@ -64,11 +64,13 @@ class LSHSelfAttention(SelfAttentionBase):
             each group's projections and attention in the backward pass
             instead of storing them (much less memory for very long
             sequences, somewhat more time).
-        segments: None (the whole sorted sequence at once) or an int
-            dividing the number of chunks (`num_hashes * padded length /
-            chunk_length`): attend that many equal runs of chunks one after
-            another, and recompute each run's attention in the backward pass;
-            the scores and key windows alive at once shrink by this factor.
+        segments: None (the whole sorted sequence at once) or an int:
+            attend that many equal runs of chunks one after another, and
+            recompute each run's attention in the backward pass; the scores
+            and key windows alive at once shrink by this factor. Where it
+            does not divide the number of chunks (`num_hashes * padded
+            length / chunk_length`), the largest number of runs below it
+            that does is used (1 when the length is unknown while tracing).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
