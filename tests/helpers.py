@@ -126,3 +126,14 @@ def assert_same_as_whole(segmented, whole):
     assert_same_value_and_grads(
         value_and_grads(loss(segmented), x, segmented.trainable_variables),
         value_and_grads(loss(whole), x, whole.trainable_variables))
+
+
+def segmented_and_whole(layer_class, segments, **kwargs):
+    """Two `layer_class(**kwargs)` layers sharing weights, the first with
+    `segments`, built for `padded_inputs()`."""
+    segmented = layer_class(segments=segments, **kwargs)
+    whole = layer_class(**kwargs)
+    for layer in (segmented, whole):
+        layer.build((2, 29, 24))
+    whole.set_weights(segmented.get_weights())
+    return segmented, whole

@@ -11,6 +11,7 @@ from keras_reformer.layers import local_self_attention
 from tests.helpers import assert_close
 from tests.helpers import assert_recomputed_gradient_equals_autodiff
 from tests.helpers import assert_same_as_whole
+from tests.helpers import segmented_and_whole
 from tests.helpers import unrolled_runs
 from tests.helpers import to_numpy
 from tests.helpers import value_and_grads
@@ -100,14 +101,10 @@ def test_local_causal_never_reads_the_future_and_ignores_padding():
 def _segmented_and_whole(segments, causal=True, after=0, dropout=0.0):
     """Local layers attending in `segments` runs of chunks and all at once,
     sharing weights (29 tokens, chunks of 4: 8 chunks)."""
-    kwargs = dict(num_heads=2, head_dim=8, chunk_length=4, causal=causal,
-                  num_chunks_after=after, dropout=dropout, seed=1)
-    segmented = LocalSelfAttention(segments=segments, **kwargs)
-    whole = LocalSelfAttention(**kwargs)
-    for layer in (segmented, whole):
-        layer.build((2, 29, 24))
-    whole.set_weights(segmented.get_weights())
-    return segmented, whole
+    return segmented_and_whole(
+        LocalSelfAttention, segments, num_heads=2, head_dim=8,
+        chunk_length=4, causal=causal, num_chunks_after=after,
+        dropout=dropout, seed=1)
 
 
 @pytest.mark.parametrize("segments,causal,after",

@@ -18,6 +18,7 @@ from tests.helpers import assert_recomputed_gradient_equals_autodiff
 from tests.helpers import assert_same_as_whole
 from tests.helpers import assert_same_value_and_grads
 from tests.helpers import padded_inputs
+from tests.helpers import segmented_and_whole
 from tests.helpers import unrolled_runs
 from tests.helpers import value_and_grads
 
@@ -152,15 +153,10 @@ def _segmented_and_whole(segments, dropout=0.0, parallel_heads=None):
     """LSH layers attending the sorted sequence in `segments` runs and all
     at once, sharing weights (29 tokens, chunks of 4: 16 chunks over the
     2 rounds)."""
-    kwargs = dict(num_heads=4, head_dim=8, chunk_length=4, num_hashes=2,
-                  num_buckets=4, causal=True, seed=1, dropout=dropout,
-                  parallel_heads=parallel_heads)
-    segmented = LSHSelfAttention(segments=segments, **kwargs)
-    whole = LSHSelfAttention(**kwargs)
-    for layer in (segmented, whole):
-        layer.build((2, 29, 24))
-    whole.set_weights(segmented.get_weights())
-    return segmented, whole
+    return segmented_and_whole(
+        LSHSelfAttention, segments, num_heads=4, head_dim=8, chunk_length=4,
+        num_hashes=2, num_buckets=4, causal=True, seed=1, dropout=dropout,
+        parallel_heads=parallel_heads)
 
 
 @pytest.mark.parametrize("segments,parallel_heads", [(4, None), (16, 2)])
