@@ -43,16 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = parser.add_argument_group("data (default: the Python stdlib)")
-    data.add_argument("--text-files", nargs="+", metavar="PATH",
-                      help="train on these text files instead")
-    data.add_argument("--tfds-dataset", metavar="NAME",
-                      help="train on a tensorflow-datasets text dataset that "
-                           "is already prepared here, e.g. tiny_shakespeare")
-    data.add_argument("--tfds-split", default="train")
-    data.add_argument("--tfds-feature", default="text")
-    data.add_argument("--max-corpus-bytes", type=int,
-                      default=text_data.DEFAULT_MAX_CORPUS_BYTES)
+    add_corpus_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--sequence-length", type=int, default=256)
     model.add_argument("--attention", "--layers", dest="attention",
@@ -103,7 +94,7 @@ def parse_args(argv=None):
     output.add_argument("--export-dir", default="saved_models/reformer_lm")
     args = parser.parse_args(argv)
 
-    for name in ("max_corpus_bytes", "sequence_length", "hidden_dim",
+    for name in ("sequence_length", "hidden_dim",
                  "num_heads", "chunk_length", "num_hashes", "epochs",
                  "steps_per_epoch", "batch_size", "sample_length",
                  "steps_per_execution"):
@@ -126,11 +117,32 @@ def parse_args(argv=None):
                      f"{args.strategy}.")
     if args.backup_dir is None:
         args.backup_dir = args.export_dir + ".backup"
-    if args.text_files and args.tfds_dataset:
-        parser.error("give at most one of --text-files and --tfds-dataset.")
+    check_corpus_arguments(parser, args)
     args.attention_types = attention_types(parser, args.attention,
                                            args.num_layers)
     return args
+
+
+def add_corpus_arguments(parser):
+    """The `--text-files`/`--tfds-*` flags that `load_corpus` reads."""
+    data = parser.add_argument_group("data (default: the Python stdlib)")
+    data.add_argument("--text-files", nargs="+", metavar="PATH",
+                      help="use these text files instead")
+    data.add_argument("--tfds-dataset", metavar="NAME",
+                      help="use a tensorflow-datasets text dataset that is "
+                           "already prepared here, e.g. tiny_shakespeare")
+    data.add_argument("--tfds-split", default="train")
+    data.add_argument("--tfds-feature", default="text")
+    data.add_argument("--max-corpus-bytes", type=int,
+                      default=text_data.DEFAULT_MAX_CORPUS_BYTES)
+
+
+def check_corpus_arguments(parser, args):
+    if args.max_corpus_bytes < 1:
+        parser.error(f"--max-corpus-bytes must be a positive integer; "
+                     f"received {args.max_corpus_bytes}.")
+    if args.text_files and args.tfds_dataset:
+        parser.error("give at most one of --text-files and --tfds-dataset.")
 
 
 def attention_types(parser, attention, num_layers):
@@ -154,7 +166,8 @@ def attention_types(parser, attention, num_layers):
 
 
 def load_corpus(args):
-    """`(train_bytes, held_out_bytes)` from the chosen source."""
+    """`(train_bytes, held_out_bytes)` from the source `add_corpus_arguments`
+    names: the held-out part is the corpus's last 5%."""
     start = time.time()
     if args.text_files:
         source = f"the text files {args.text_files}"
@@ -377,7 +390,9 @@ def main(argv=None):
     with multi_worker_training.chief_path(args.export_dir,
                                           strategy) as export_dir:
         keras_path = save_keras_model(model, export_dir + ".keras")
-        print(f"Saved {keras_path}", flush=True)
+        print(f"Saved {keras_path} (evaluate or sample it later: python "
+              f"examples/saved_lm.py evaluate|generate {keras_path})",
+              flush=True)
         export_path = export_for_serving(model, export_dir)
         print(f"Exported the SavedModel {export_path} (signatures "
               "serving_default: int32 token_ids (batch, length) -> logits; "

@@ -279,7 +279,7 @@ def num_windows(data, sequence_length):
 
 
 def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
-                           seed=0, repeat=False):
+                           seed=0, repeat=False, drop_remainder=True):
     """Next-byte prediction examples from raw bytes.
 
     `data` is cut into windows of `sequence_length + 1` bytes that start
@@ -291,14 +291,17 @@ def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
     Args:
         data: `bytes`, at least `sequence_length + 1` long.
         sequence_length: int, tokens per example.
-        batch_size: int, examples per batch; incomplete batches are dropped.
+        batch_size: int, examples per batch.
         shuffle: bool, shuffle the windows (a new order every pass).
         seed: int, the shuffle seed.
         repeat: bool, repeat forever (for `fit(steps_per_epoch=...)`).
+        drop_remainder: bool, drop the last batch if it is incomplete (every
+            batch then has the same shape); False scores every window.
 
     Returns:
         `tf.data.Dataset` of `({"token_ids": x, "padding_mask": ones}, y)`,
-        all int32 with shape `(batch_size, sequence_length)`.
+        all int32 with shape `(batch_size, sequence_length)` (the last
+        batch may be smaller when `drop_remainder` is False).
 
     Example:
     >>> ds = language_model_dataset(b"hello world " * 100, 16, 4)
@@ -312,19 +315,22 @@ def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
     check_positive_int("sequence_length", sequence_length)
     check_positive_int("batch_size", batch_size)
     count = num_windows(data, sequence_length)
-    if count < batch_size:
+    needed = batch_size if drop_remainder else 1
+    if count < needed:
         raise ValueError(
             f"data of {len(data)} bytes gives {count} windows of "
             f"sequence_length={sequence_length} + 1 bytes, fewer than "
-            f"batch_size={batch_size}; give more text or make "
-            "sequence_length or batch_size smaller.")
+            f"{needed} (batch_size={batch_size}, drop_remainder="
+            f"{drop_remainder}); give more text or make sequence_length "
+            "smaller.")
     windows = [data[i * sequence_length:(i + 1) * sequence_length + 1]
                for i in range(count)]
     tokenizer = byte_tokenizer()
 
     def tokenize(strings):
         ids = tokenizer(strings)  # ragged (batch, None): all rows full
-        ids = ids.to_tensor(shape=(batch_size, sequence_length + 1))
+        rows = batch_size if drop_remainder else None  # static when it can be
+        ids = ids.to_tensor(shape=(rows, sequence_length + 1))
         ids = tf.cast(ids, tf.int32)
         inputs = {"token_ids": ids[:, :-1],
                   "padding_mask": tf.ones_like(ids[:, :-1])}
@@ -336,7 +342,7 @@ def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
                                   reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -96,6 +96,18 @@ def test_shuffled_dataset_is_seeded_and_static():
     assert spec[0]["token_ids"].shape == (4, 32) and spec[1].shape == (4, 32)
 
 
+def test_dataset_without_drop_remainder_scores_every_window():
+    data = bytes(range(256)) * 3  # 767 targets: 5 windows of 128, 1 short
+    batches = list(text_data.language_model_dataset(
+        data, 128, 2, drop_remainder=False).as_numpy_iterator())
+    assert [y.shape for _, y in batches] == [(2, 128), (2, 128), (1, 128)]
+    targets = np.concatenate([y.ravel() for _, y in batches])
+    np.testing.assert_array_equal(targets, np.frombuffer(data[1:641], "uint8"))
+    with pytest.raises(ValueError, match="drop_remainder=False"):
+        text_data.language_model_dataset(b"x" * 100, 128, 2,
+                                         drop_remainder=False)
+
+
 def test_dataset_rejects_too_little_text():
     with pytest.raises(ValueError, match="batch_size=8"):
         text_data.language_model_dataset(b"x" * 100, 32, 8)

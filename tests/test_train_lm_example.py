@@ -8,38 +8,114 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
+SAVED_LM = os.path.join(ROOT, "examples", "saved_lm.py")
 
 
-def run_example(*flags, timeout=150):
+def run_example(*flags, timeout=150, script=SCRIPT):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
-        [sys.executable, SCRIPT, *flags], cwd=ROOT, env=env,
+        [sys.executable, script, *flags], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=timeout)
 
 
-def test_tiny_training_run_reports_bits_per_byte_and_exports(tmp_path):
-    export_dir = tmp_path / "reformer_lm"
+# 62,000 bytes hold out 3,100: 48 windows of 64 + 1, six whole batches of 8,
+# so the held-out report and `saved_lm.py evaluate` score the same windows.
+CORPUS_FLAGS = ["--max-corpus-bytes", "62000"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run: `(export_dir, output)`."""
+    export_dir = tmp_path_factory.mktemp("trained") / "reformer_lm"
     run = run_example(
         "--sequence-length", "64", "--num-layers", "1", "--attention", "lsh",
         "--hidden-dim", "32", "--chunk-length", "16", "--batch-size", "8",
-        "--steps-per-epoch", "10", "--epochs", "1",
-        "--max-corpus-bytes", "60000", "--sample-length", "16",
-        "--learning-rate", "1e-2", "--export-dir", str(export_dir))
+        "--steps-per-epoch", "10", "--epochs", "1", *CORPUS_FLAGS,
+        "--sample-length", "16", "--learning-rate", "1e-2",
+        "--export-dir", str(export_dir))
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-5000:]
+    return export_dir, output
+
+
+def test_tiny_training_run_reports_bits_per_byte_and_exports(trained):
+    export_dir, output = trained
     reported = re.findall(r"held-out bits per byte ([0-9.]+|nan|inf)", output)
     assert len(reported) == 1, output[-3000:]
     bits = float(reported[0])
     assert math.isfinite(bits) and 0.0 < bits < 8.5, bits
     assert (export_dir / "saved_model.pb").is_file()
-    assert (tmp_path / "reformer_lm.keras").is_file()
+    assert (export_dir.parent / "reformer_lm.keras").is_file()
     difference = re.search(r"max difference ([0-9.e+-]+)", output)
     assert difference and float(difference.group(1)) < 1e-3, output[-2000:]
     assert "----- sample -----" in output
+
+
+def test_saved_model_evaluates_to_the_reported_held_out_bits(trained):
+    export_dir, output = trained
+    reported = float(re.search(r"held-out bits per byte ([0-9.]+)",
+                               output).group(1))
+    run = run_example("evaluate", str(export_dir) + ".keras", *CORPUS_FLAGS,
+                      "--batch-size", "8", script=SAVED_LM)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "in 48 windows of 64 bytes" in run.stdout, run.stdout[-2000:]
+    evaluated = float(re.search(r"==> bits per byte ([0-9.]+)",
+                                run.stdout).group(1))
+    assert abs(evaluated - reported) <= 0.0015, (evaluated, reported)
+
+
+def test_saved_model_generates_what_greedy_whole_prefix_decoding_gives(
+        trained):
+    """`generate --sampler greedy` (cached decoding in the script's
+    process) against argmax over the whole prefix, one token at a time,
+    of the same saved model loaded here (LSH in its only layer: cached
+    decoding equals the whole prefix)."""
+    import keras
+
+    import keras_reformer  # noqa: F401
+    from keras_reformer import text_data
+
+    export_dir, _ = trained
+    path = str(export_dir) + ".keras"
+    prompt = "def main("
+    run = run_example("generate", path, "--prompt", prompt, "--length", "12",
+                      "--sampler", "greedy", script=SAVED_LM)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    sample = run.stdout.split("----- sample -----\n")[1].rsplit("\n-----", 1)[0]
+
+    model = keras.saving.load_model(path, compile=False)
+    ids = list(prompt.encode())
+    for _ in range(12):
+        token_ids = np.array([ids], "int32")
+        logits = model({"token_ids": token_ids,
+                        "padding_mask": np.ones_like(token_ids)},
+                       training=False)
+        ids.append(int(np.argmax(np.asarray(logits)[0, -1])))
+    assert sample == text_data.detokenize(ids[len(prompt):])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["generate", "missing.keras", "--prompt", "x"], "does not exist"),
+    (["generate", SCRIPT, "--prompt", "x"], "is not a .keras file"),
+    (["evaluate", "MODEL", "--batch-size", "0"],
+     "--batch-size must be a positive integer; received 0"),
+    (["generate", "MODEL", "--prompt", "x", "--top-p", "1.5"],
+     "--top-p must be in (0, 1]; received 1.5"),
+    (["generate", "MODEL", "--prompt", ""], "--prompt must hold"),
+])
+def test_saved_lm_rejects_bad_arguments_with_a_clear_message(
+        tmp_path, flags, message):
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"")  # the flags are checked before it is loaded
+    flags = [str(model) if f == "MODEL" else f for f in flags]
+    run = run_example(*flags, timeout=60, script=SAVED_LM)
+    assert run.returncode == 2
+    assert message in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("flags, message", [
