@@ -2,10 +2,12 @@
 
 `evaluate` reports bits per byte (8.0 is a uniform guess) on the held-out
 end of a corpus: by default the one `examples/train_lm.py` trains on, split
-the same way, so a model it saved scores what it reported after its last
-epoch; `--text-files` or `--tfds-dataset` evaluate other text, and
-`--whole-corpus` scores all of it. `generate` continues a prompt with one
-of keras-hub's samplers and cached decoding.
+the same way; `--text-files` or `--tfds-dataset` evaluate other text, and
+`--whole-corpus` scores all of it. It scores every window, where the
+training run's report leaves out the last incomplete batch: the two agree
+exactly when the batch size divides the windows, and to a few thousandths
+otherwise. `generate` continues a prompt with one of keras-hub's samplers
+and cached decoding.
 
     python examples/saved_lm.py evaluate saved_models/reformer_lm.keras
     python examples/saved_lm.py evaluate saved_models/reformer_lm.keras \\
