@@ -44,15 +44,18 @@ def test_outputs_match_float32(policy, tolerance):
     assert np.abs(actual - expected).max() < tolerance
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_training_converges(policy):
+# bfloat16 under XLA (as on TPUs); float16 without (XLA's compile of the
+# three attention types is most of the test's time).
+@pytest.mark.parametrize("policy,jit_compile", [
+    ("mixed_bfloat16", True), ("mixed_float16", False)])
+def test_training_converges(policy, jit_compile):
     model = language_model(policy)
     optimizer = keras.optimizers.Adam(1e-2)
     if policy == "mixed_float16":
         optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True), jit_compile=True)
+                      from_logits=True), jit_compile=jit_compile)
     losses = model.fit(INPUTS, WINDOWS[:, 1:], epochs=3, batch_size=16,
                        verbose=0).history["loss"]
     assert np.isfinite(losses).all()
