@@ -56,6 +56,24 @@ def test_tiny_training_run_reports_bits_per_byte_and_exports(trained):
     assert "----- sample -----" in output
 
 
+def test_saved_model_loads_compiled_after_importing_the_package(trained):
+    """A fresh process that only imports keras_reformer loads the .keras
+    file with its compile state (the bits-per-byte metric included)."""
+    export_dir, _ = trained
+    code = ("import keras_reformer, keras, numpy as np; "
+            f"m = keras.saving.load_model({str(export_dir) + '.keras'!r}); "
+            "ids = np.arange(65, dtype='int32')[None] + 40; "
+            "x = {'token_ids': ids[:, :-1], 'padding_mask': ids[:, :-1] > 0}; "
+            "print(type(m).__name__, type(m.optimizer).__name__, "
+            "sorted(m.evaluate(x, ids[:, 1:], verbose=0, return_dict=True)))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ("ReformerCausalLM Adam ['bits_per_byte', 'loss']"
+            in run.stdout), run.stdout
+
+
 def test_saved_model_evaluates_to_the_reported_held_out_bits(trained):
     export_dir, output = trained
     reported = float(re.search(r"held-out bits per byte ([0-9.]+)",
