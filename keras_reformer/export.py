@@ -59,7 +59,11 @@ def export_for_serving(model, path, verbose=False):
         The absolute destination path.
 
     Example:
-    >>> export_for_serving(lm, "saved_models/reformer_lm")
+    >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
+    >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
+    ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     axial_shape=(8, 8), chunk_length=16))
+    >>> path = export_for_serving(lm, "saved_models/reformer_lm")
     >>> served = tf.saved_model.load("saved_models/reformer_lm")
     >>> served.signatures["serving_default"](
     ...     token_ids=tf.constant([[104, 105]]))["logits"].shape
@@ -67,7 +71,9 @@ def export_for_serving(model, path, verbose=False):
     >>> served.signatures["generate"](
     ...     token_ids=tf.constant([[104, 105]]), padding_mask=tf.constant(
     ...     [[1, 1]]), max_length=tf.constant(40), top_k=tf.constant(10),
-    ...     temperature=tf.constant(1.0), seed=tf.constant(7))["token_ids"]
+    ...     temperature=tf.constant(1.0), seed=tf.constant(7)
+    ...     )["token_ids"].shape
+    TensorShape([1, 40])
     """
     path = _check_destination(path, is_directory=True)
     archive = keras.export.ExportArchive()
@@ -163,8 +169,13 @@ def save_keras_model(model, path):
         The absolute destination path.
 
     Example:
-    >>> save_keras_model(lm, "saved_models/reformer_lm.keras")
-    >>> lm = keras.saving.load_model("saved_models/reformer_lm.keras")
+    >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
+    >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
+    ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     axial_shape=(8, 8), chunk_length=16))
+    >>> path = save_keras_model(lm, "saved_models/reformer_lm.keras")
+    >>> keras.saving.load_model(path).count_params() == lm.count_params()
+    True
     """
     if not os.fspath(path).endswith(".keras"):
         raise ValueError(f"path must end in '.keras'; received path={path!r}.")

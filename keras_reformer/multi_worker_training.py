@@ -76,16 +76,25 @@ class StrategyTrainer:
         jit_compile: bool, compile each replica's forward and backward pass
             with XLA (the gradient all-reduce and the update run outside).
 
-    Example:
-    >>> strategy = tf.distribute.MultiWorkerMirroredStrategy()  # TF_CONFIG
+    Example (every worker runs the same; here the current strategy stands
+    in for `tf.distribute.MultiWorkerMirroredStrategy()`, which reads the
+    cluster from `TF_CONFIG`):
+    >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
+    >>> from keras_reformer.text_data import language_model_dataset
+    >>> data = language_model_dataset(b"hello world " * 100, 16, 4,
+    ...                               repeat=True)
+    >>> strategy = tf.distribute.get_strategy()
     >>> with strategy.scope():
-    ...     lm = ReformerCausalLM(backbone)
+    ...     lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
+    ...         hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
+    ...         axial_shape=(4, 4), chunk_length=8))
     ...     trainer = StrategyTrainer(lm, keras.optimizers.Adam(1e-3),
     ...                               strategy)
-    >>> history = trainer.fit(train, epochs=2, steps_per_epoch=100,
-    ...                       validation_data=held_out,
+    >>> history = trainer.fit(data, epochs=2, steps_per_epoch=3,
+    ...                       validation_data=data.take(2), verbose=0,
     ...                       backup_dir="lm.backup")  # resumes if killed
-    >>> history["val_bits_per_byte"]
+    >>> len(history["val_bits_per_byte"])
+    2
     """
 
     def __init__(self, model, optimizer, strategy=None, loss_fn=None,
@@ -290,13 +299,15 @@ class StrategyTrainer:
             `val_loss`, `val_bits_per_byte`; after a resume, the restored
             epochs' values come first.
 
-        Example:
-        >>> history = trainer.fit(
-        ...     train, epochs=10, steps_per_epoch=300,
-        ...     validation_data=held_out, backup_dir="lm.backup",
-        ...     weights_path="lm.checkpoints/epoch_{epoch:02d}.weights.h5")
-        >>> # Killed during epoch 7 and started again: restores epoch 6's
-        >>> # backup, trains epochs 7 to 10, deletes "lm.backup".
+        Example (see the class for a runnable one): a run of
+
+            trainer.fit(
+                train, epochs=10, steps_per_epoch=300,
+                validation_data=held_out, backup_dir="lm.backup",
+                weights_path="lm.checkpoints/epoch_{epoch:02d}.weights.h5")
+
+        killed during epoch 7 and started again restores epoch 6's backup,
+        trains epochs 7 to 10 and deletes "lm.backup".
         """
         check_positive_int("epochs", epochs)
         check_positive_int("steps_per_epoch", steps_per_epoch)
@@ -530,8 +541,9 @@ def chief_path(path, strategy=None):
         str, the path to write.
 
     Example:
-    >>> with chief_path("saved_models/lm", strategy) as path:
-    ...     export_for_serving(lm, path)
+    >>> with chief_path("saved_models/lm") as path:  # then save to path
+    ...     print(path)  # one process, or the chief: the path itself
+    saved_models/lm
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"path must be a non-empty path; received "

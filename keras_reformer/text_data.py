@@ -89,7 +89,10 @@ def read_text_files(paths, max_bytes=None):
         `bytes`, non-empty.
 
     Example:
-    >>> text = read_text_files(["README.md"])
+    >>> with open("notes.txt", "w") as f:
+    ...     _ = f.write("first file")
+    >>> read_text_files(["notes.txt", "notes.txt"])
+    b'first file\\nfirst file'
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
@@ -128,8 +131,8 @@ def tfds_text(name, split="train", feature="text", max_bytes=None,
     Returns:
         `bytes`, non-empty.
 
-    Example:
-    >>> text = tfds_text("tiny_shakespeare", split="train")
+    Example (with the dataset prepared, or network access):
+    >>> text = tfds_text("tiny_shakespeare", split="train")  # doctest: +SKIP
     """
     if max_bytes is not None:
         check_positive_int("max_bytes", max_bytes)
@@ -226,7 +229,9 @@ def byte_preprocessor(sequence_length=1024):
     and out of `generate()`.
 
     Example:
-    >>> byte_preprocessor(8).generate_preprocess(["hi"])["token_ids"]
+    >>> keras.ops.convert_to_numpy(byte_preprocessor(8).generate_preprocess(
+    ...     ["hi"])["token_ids"])
+    array([[104, 105,   0,   0,   0,   0,   0,   0]], dtype=int32)
     """
     return keras_hub.models.CausalLMPreprocessor(
         ByteLevelTokenizer(lowercase=False), sequence_length=sequence_length,

@@ -36,8 +36,18 @@ def from_huggingface(model_or_path):
         lengths, as Hugging Face pads to those).
 
     Example:
+    >>> import transformers
+    >>> config = transformers.ReformerConfig(
+    ...     vocab_size=64, hidden_size=32, num_attention_heads=2,
+    ...     attention_head_size=16, feed_forward_size=64,
+    ...     attn_layers=["local", "lsh"], axial_pos_shape=[8, 16],
+    ...     axial_pos_embds_dim=[16, 16], lsh_attn_chunk_length=16,
+    ...     local_attn_chunk_length=16, num_buckets=4, is_decoder=True,
+    ...     hash_seed=7, max_position_embeddings=128)
     >>> hf = transformers.ReformerModelWithLMHead(config).eval()
-    >>> lm = from_huggingface(hf)
+    >>> lm = from_huggingface(hf)  # or a directory from save_pretrained
+    >>> lm.backbone.attention_types
+    ['local', 'lsh']
     """
     if isinstance(model_or_path, str):
         import transformers

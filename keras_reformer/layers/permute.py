@@ -31,7 +31,10 @@ def gather_rows(x, index, inverse, copies=1):
         copies.
 
     Example:
-    >>> gather_rows(x, ops.array([[[2, 0, 1]]]), ops.array([[[1, 2, 0]]]))
+    >>> x = ops.reshape(ops.arange(3.0), (1, 1, 3))
+    >>> ops.convert_to_numpy(gather_rows(
+    ...     x, ops.array([[[2, 0, 1]]]), ops.array([[[1, 2, 0]]])))
+    array([[[2., 0., 1.]]], dtype=float32)
     """
 
     def take(values, positions):

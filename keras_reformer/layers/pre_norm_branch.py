@@ -20,6 +20,7 @@ class PreNormBranch(keras.layers.Layer):
             Reformer).
 
     Example:
+    >>> from keras_reformer.layers import ChunkedFeedForward
     >>> branch = PreNormBranch(ChunkedFeedForward(64, chunk_length=16))
     >>> branch(keras.random.normal((2, 20, 32))).shape
     (2, 20, 32)

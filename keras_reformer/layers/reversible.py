@@ -33,6 +33,8 @@ class ReversibleBlock(keras.layers.Layer):
         g: layer on `(batch, length, hidden)`, e.g. norm + feed-forward.
 
     Example:
+    >>> from keras_reformer.layers import (
+    ...     ChunkedFeedForward, FullSelfAttention, PreNormBranch)
     >>> block = ReversibleBlock(PreNormBranch(FullSelfAttention(2, 8)),
     ...                         PreNormBranch(ChunkedFeedForward(32, 4)))
     >>> block(keras.random.normal((1, 8, 32))).shape
@@ -124,6 +126,8 @@ class ReversibleStack(keras.layers.Layer):
         seed: int or None, seeds the per-step seeds of the blocks.
 
     Example:
+    >>> from keras_reformer.layers import (
+    ...     ChunkedFeedForward, FullSelfAttention, PreNormBranch)
     >>> stack = ReversibleStack([
     ...     ReversibleBlock(PreNormBranch(FullSelfAttention(2, 8)),
     ...                     PreNormBranch(ChunkedFeedForward(32, 4)))

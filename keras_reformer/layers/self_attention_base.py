@@ -111,6 +111,7 @@ class SelfAttentionBase(keras.layers.Layer):
             `(outputs, cache)`.
 
         Example:
+        >>> from keras_reformer.layers import LocalSelfAttention
         >>> layer = LocalSelfAttention(2, 8, chunk_length=4, causal=True)
         >>> x = keras.random.normal((1, 12, 16))
         >>> _, cache = layer.call_with_cache(x, None, 5)
@@ -122,6 +123,8 @@ class SelfAttentionBase(keras.layers.Layer):
             raise ValueError(
                 f"{type(self).__name__} {self.name!r} decodes with a cache "
                 "only when causal=True; it has causal=False.")
+        if not self.built:  # called before the layer ever ran
+            self.build(tuple(inputs.shape))
         if cache is None:
             return self.prefill(inputs, index)
         return self.decode_step(inputs, cache, index)

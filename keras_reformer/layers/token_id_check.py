@@ -24,7 +24,13 @@ class TokenIdCheck(keras.layers.Layer):
         vocabulary_size: int, the number of valid ids.
 
     Example:
-    >>> ids, factor = TokenIdCheck(10)(keras.ops.array([[3, 12]]))  # raises
+    >>> ids, factor = TokenIdCheck(10)(keras.ops.array([[3, 9]]))
+    >>> keras.ops.convert_to_numpy(factor)[..., 0]
+    array([[1., 1.]], dtype=float32)
+    >>> TokenIdCheck(10)(keras.ops.array([[3, 12]]))
+    ... # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    InvalidArgumentError: ... token ids must be in [0, 10) ...
     """
 
     def __init__(self, vocabulary_size, **kwargs):

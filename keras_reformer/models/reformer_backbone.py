@@ -235,9 +235,15 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
             `(features, cache)`, features `(batch, length, 2 * hidden_dim)`.
 
         Example:
+        >>> backbone = ReformerBackbone(vocabulary_size=256, hidden_dim=32,
+        ...     num_heads=2, head_dim=16, intermediate_dim=64,
+        ...     attention_types=["lsh", "local"], axial_shape=(4, 4),
+        ...     chunk_length=4)
         >>> ids = keras.ops.ones((1, 16), "int32")
-        >>> _, cache = backbone.call_with_cache(ids, None, 4)
+        >>> _, cache = backbone.call_with_cache(ids, None, 4)  # prefix 0..3
         >>> x, cache = backbone.call_with_cache(ids[:, 4:5], cache, 4)
+        >>> x.shape  # position 4's features
+        (1, 1, 64)
         """
         checked_ids, id_factor = self.get_layer("token_id_check")(token_ids)
         x = self.get_layer("token_embedding")(checked_ids) * id_factor

@@ -16,6 +16,7 @@ class ReformerClassifier(ReformerTask):
         dropout: float, dropout before the classification layer.
 
     Example:
+    >>> from keras_reformer.models import ReformerBackbone
     >>> classifier = ReformerClassifier(ReformerBackbone(
     ...     vocabulary_size=256, hidden_dim=32, num_heads=2, head_dim=16,
     ...     intermediate_dim=64, axial_shape=(8, 16), chunk_length=16,
