@@ -11,7 +11,7 @@ equal the Python model's.
     python examples/train_lm.py
     python examples/train_lm.py --attention lsh,full --sequence-length 1024
     python examples/train_lm.py --text-files my.txt --epochs 5
-    python examples/train_lm.py --tfds-dataset tiny_shakespeare
+    python examples/train_lm.py --tfds-dataset tiny_shakespeare  # prepared
 """
 
 import argparse
@@ -133,6 +133,11 @@ def add_corpus_arguments(parser):
                            "already prepared here, e.g. tiny_shakespeare")
     data.add_argument("--tfds-split", default="train")
     data.add_argument("--tfds-feature", default="text")
+    data.add_argument("--tfds-download", action="store_true",
+                      help="let tensorflow-datasets download and prepare "
+                           "--tfds-dataset if it is not prepared (needs "
+                           "network access; without this flag a missing "
+                           "dataset fails at once)")
     data.add_argument("--max-corpus-bytes", type=int,
                       default=text_data.DEFAULT_MAX_CORPUS_BYTES)
 
@@ -167,20 +172,25 @@ def attention_types(parser, attention, num_layers):
 
 def load_corpus(args):
     """`(train_bytes, held_out_bytes)` from the source `add_corpus_arguments`
-    names: the held-out part is the corpus's last 5%."""
+    names: the held-out part is the corpus's last 5%. A source that cannot
+    be read ends the program with its error message (no traceback)."""
     start = time.time()
-    if args.text_files:
-        source = f"the text files {args.text_files}"
-        data = text_data.read_text_files(args.text_files,
-                                         args.max_corpus_bytes)
-    elif args.tfds_dataset:
-        source = f"tensorflow-datasets {args.tfds_dataset!r}"
-        data = text_data.tfds_text(args.tfds_dataset, split=args.tfds_split,
-                                   feature=args.tfds_feature,
-                                   max_bytes=args.max_corpus_bytes)
-    else:
-        source = "the Python standard library's .py sources"
-        data = text_data.stdlib_corpus(args.max_corpus_bytes)
+    try:
+        if args.text_files:
+            source = f"the text files {args.text_files}"
+            data = text_data.read_text_files(args.text_files,
+                                             args.max_corpus_bytes)
+        elif args.tfds_dataset:
+            source = f"tensorflow-datasets {args.tfds_dataset!r}"
+            data = text_data.tfds_text(
+                args.tfds_dataset, split=args.tfds_split,
+                feature=args.tfds_feature, max_bytes=args.max_corpus_bytes,
+                download=args.tfds_download)
+        else:
+            source = "the Python standard library's .py sources"
+            data = text_data.stdlib_corpus(args.max_corpus_bytes)
+    except (OSError, RuntimeError, ValueError) as error:
+        sys.exit(f"error: {error}")
     train, held_out = text_data.split_corpus(data)
     print(f"Corpus: {len(data):,} bytes from {source} "
           f"({time.time() - start:.1f} s); training on {len(train):,}, "

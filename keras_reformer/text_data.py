@@ -114,12 +114,13 @@ def read_text_files(paths, max_bytes=None):
 
 
 def tfds_text(name, split="train", feature="text", max_bytes=None,
-              data_dir=None):
+              data_dir=None, download=True):
     """The text feature of a tensorflow-datasets dataset, joined by newlines.
 
     tensorflow-datasets downloads and prepares data on first use; on a
     machine without network access this works only for a dataset that is
-    already prepared in `data_dir` (default `~/tensorflow_datasets`).
+    already prepared in `data_dir` (default `~/tensorflow_datasets`), and
+    `download=False` fails at once where a download would retry for minutes.
 
     Args:
         name: str, the dataset name, e.g. "tiny_shakespeare".
@@ -127,6 +128,8 @@ def tfds_text(name, split="train", feature="text", max_bytes=None,
         feature: str, the string feature holding the text.
         max_bytes: int or None, cut the result to this many bytes.
         data_dir: str or None, where tensorflow-datasets keeps its data.
+        download: bool, download and prepare the dataset if it is not
+            prepared yet.
 
     Returns:
         `bytes`, non-empty.
@@ -139,14 +142,19 @@ def tfds_text(name, split="train", feature="text", max_bytes=None,
     import tensorflow_datasets as tfds
 
     try:
-        dataset = tfds.load(name, split=split, data_dir=data_dir)
+        dataset = tfds.load(name, split=split, data_dir=data_dir,
+                            download=download)
     except Exception as error:
+        hint = ("tensorflow-datasets needs network access to download a "
+                "dataset the first time; offline, prepare it beforehand or "
+                "use --text-files / the default standard-library corpus."
+                if download else
+                "download=False reads only a dataset already prepared in "
+                "data_dir; with network access, allow the download "
+                "(train_lm.py: --tfds-download).")
         raise RuntimeError(
             f"Could not load the tensorflow-datasets dataset name={name!r} "
-            f"split={split!r} (data_dir={data_dir!r}): {error}\n"
-            "tensorflow-datasets needs network access to download a dataset "
-            "the first time; offline, prepare it beforehand or use "
-            "--text-files / the default standard-library corpus."
+            f"split={split!r} (data_dir={data_dir!r}): {error}\n{hint}"
         ) from error
     if feature not in dataset.element_spec:
         raise ValueError(

@@ -2,6 +2,7 @@
 
 import os
 import sysconfig
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +43,15 @@ def test_read_text_files(tmp_path):
 def test_tfds_text_reports_a_dataset_it_cannot_load(tmp_path):
     with pytest.raises(RuntimeError, match="no_such_dataset_xyz"):
         text_data.tfds_text("no_such_dataset_xyz", data_dir=str(tmp_path))
+
+
+def test_tfds_text_without_download_fails_at_once_on_an_unprepared_dataset(
+        tmp_path):
+    start = time.time()
+    with pytest.raises(RuntimeError, match="download=False reads only"):
+        text_data.tfds_text("tiny_shakespeare", data_dir=str(tmp_path),
+                            download=False)
+    assert time.time() - start < 30  # a download would retry for minutes
 
 
 def test_tfds_text_reads_the_text_feature():

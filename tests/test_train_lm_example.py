@@ -136,6 +136,13 @@ def test_saved_lm_rejects_bad_arguments_with_a_clear_message(
     assert message in run.stderr, run.stderr[-2000:]
 
 
+def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
+    run = run_example("--text-files", "no/such/file.txt", timeout=60)
+    assert run.returncode == 1
+    assert "error:" in run.stderr and "no/such/file.txt" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--attention", "lsh,bogus"], "--attention takes types"),
     (["--attention", "lsh,full", "--num-layers", "3"], "names 2 layers"),
