@@ -7,7 +7,8 @@ the same way; `--text-files` or `--tfds-dataset` evaluate other text, and
 training run's report leaves out the last incomplete batch: the two agree
 exactly when the batch size divides the windows, and to a few thousandths
 otherwise. `generate` continues a prompt with one of keras-hub's samplers
-and cached decoding.
+and cached decoding. `export` writes the TF SavedModel for serving (on the
+TensorFlow backend: the way to export a model trained on JAX).
 
     python examples/saved_lm.py evaluate saved_models/reformer_lm.keras
     python examples/saved_lm.py evaluate saved_models/reformer_lm.keras \\
@@ -16,6 +17,8 @@ and cached decoding.
         --prompt "def main(" --length 200
     python examples/saved_lm.py generate saved_models/reformer_lm.keras \\
         --prompt "import " --sampler greedy
+    python examples/saved_lm.py export saved_models/reformer_lm.keras \\
+        saved_models/reformer_lm
 """
 
 import argparse
@@ -26,12 +29,14 @@ import time
 import keras_reformer  # noqa: F401  (first: sets KERAS_BACKEND=tensorflow)
 import keras
 import keras_hub
+import numpy as np
 
 from keras_reformer import text_data
 from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerCausalLM
 from train_lm import add_corpus_arguments
 from train_lm import check_corpus_arguments
+from train_lm import export_and_check
 from train_lm import generate
 from train_lm import load_corpus
 
@@ -77,6 +82,12 @@ def parse_args(argv=None):
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
 
+    export = commands.add_parser(
+        "export", help="write the TF SavedModel for serving",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("model", help="path of a saved .keras model")
+    export.add_argument("directory", help="the SavedModel's directory")
+
     args = parser.parse_args(argv)
     if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
         parser.error(f"model must be a saved .keras file; received "
@@ -90,7 +101,7 @@ def parse_args(argv=None):
             if value is not None and value < 1:
                 parser.error(f"--{name.replace('_', '-')} must be a "
                              f"positive integer; received {value}.")
-    else:
+    elif args.command == "generate":
         if not args.prompt:
             parser.error("--prompt must hold at least one character.")
         for name in ("length", "top_k", "num_beams"):
@@ -171,6 +182,17 @@ def main(argv=None):
     model = load_lm(parser, args.model)
     if args.command == "evaluate":
         evaluate(parser, args, model)
+        return
+    if args.command == "export":
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            parser.error(f"export needs the TensorFlow backend; "
+                         f"KERAS_BACKEND is {backend!r}.")
+        ids = np.random.RandomState(0).randint(
+            0, text_data.VOCABULARY_SIZE,
+            (2, min(128, model.backbone.max_length))).astype("int32")
+        export_and_check(model, args.directory,
+                         {"token_ids": ids, "padding_mask": np.ones_like(ids)})
         return
     prompt = args.prompt.encode("utf-8")
     capacity = model.backbone.max_length

@@ -48,6 +48,11 @@ def export_for_serving(model, path, verbose=False):
     also publishes its first endpoint (`serve`) under `serving_default`,
     the signature TF Serving calls by default.
 
+    It runs on the TensorFlow backend (the signatures are TensorFlow
+    functions). A model trained on another backend is exported from its
+    `.keras` file in a TensorFlow process:
+    `python examples/saved_lm.py export MODEL.keras DIRECTORY`.
+
     Args:
         model: a Keras model with dict inputs `token_ids` and `padding_mask`
             (e.g. a `ReformerCausalLM`) returning logits.
@@ -75,6 +80,14 @@ def export_for_serving(model, path, verbose=False):
     ...     )["token_ids"].shape
     TensorShape([1, 40])
     """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"export_for_serving writes TensorFlow signatures and needs the "
+            f"TensorFlow backend; the active backend is {backend!r}. Save "
+            "the model as a .keras file (save_keras_model) and export that "
+            "with KERAS_BACKEND=tensorflow: python examples/saved_lm.py "
+            "export MODEL.keras DIRECTORY.")
     path = _check_destination(path, is_directory=True)
     archive = keras.export.ExportArchive()
     archive.track(model)

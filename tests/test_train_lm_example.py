@@ -16,8 +16,8 @@ SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
 SAVED_LM = os.path.join(ROOT, "examples", "saved_lm.py")
 
 
-def run_example(*flags, timeout=150, script=SCRIPT):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def run_example(*flags, timeout=150, script=SCRIPT, backend="tensorflow"):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND=backend)
     return subprocess.run(
         [sys.executable, script, *flags], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=timeout)
@@ -115,6 +115,30 @@ def test_saved_model_generates_what_greedy_whole_prefix_decoding_gives(
                        training=False)
         ids.append(int(np.argmax(np.asarray(logits)[0, -1])))
     assert sample == text_data.detokenize(ids[len(prompt):])
+
+
+def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
+    """On JAX the example trains, samples and saves, and says how to export;
+    `saved_lm.py export` then writes the SavedModel from the .keras file in
+    a TensorFlow process and checks its logits against the model's."""
+    export_dir = tmp_path / "lm"
+    run = run_example(
+        "--sequence-length", "32", "--num-layers", "1", "--hidden-dim", "16",
+        "--chunk-length", "16", "--batch-size", "4", "--steps-per-epoch",
+        "3", "--epochs", "1", "--max-corpus-bytes", "20000",
+        "--sample-length", "4", "--export-dir", str(export_dir),
+        backend="jax")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "Not exported" in run.stdout and "saved_lm.py export" in run.stdout
+    assert not export_dir.exists()
+
+    run = run_example("export", str(export_dir) + ".keras", str(export_dir),
+                      script=SAVED_LM)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    difference = re.search(r"max difference ([0-9.e+-]+)", run.stdout)
+    assert difference and float(difference.group(1)) < 1e-3, run.stdout
+    assert (export_dir / "saved_model.pb").is_file()
 
 
 @pytest.mark.parametrize("flags, message", [
