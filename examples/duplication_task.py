@@ -162,6 +162,16 @@ def copy_weights(source, target):
             weight.assign(keras.ops.convert_to_numpy(trained[weight.path]))
 
 
+def hash_list(text):
+    """`"1,2,4"` -> `[1, 2, 4]` (argparse type of `--eval-hashes`)."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,2,4,8; received "
+            f"{text!r}") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=64)
@@ -180,8 +190,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-length", type=int, default=16)
     parser.add_argument("--num-buckets", type=int, default=None)
     parser.add_argument("--train-hashes", type=int, default=4)
-    parser.add_argument("--eval-hashes", default="1,2,4,8",
-                        type=lambda s: [int(n) for n in s.split(",")])
+    parser.add_argument("--eval-hashes", default="1,2,4,8", type=hash_list,
+                        help="comma-separated hash rounds to evaluate with")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-batches", type=int, default=8)
@@ -196,6 +206,25 @@ def parse_args(argv=None):
         "steps, and resume from the last save when run again")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args(argv)
+    for name in ("vocabulary_size", "hidden_dim", "num_heads", "chunk_length",
+                 "train_hashes", "steps", "batch_size", "eval_batches"):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"integer; received {value}.")
+    if args.num_buckets is not None and (args.num_buckets < 2
+                                         or args.num_buckets % 2):
+        parser.error(f"--num-buckets must be an even number of at least 2; "
+                     f"received {args.num_buckets}.")
+    if not args.eval_hashes or min(args.eval_hashes) < 1:
+        parser.error(f"--eval-hashes must list positive integers; received "
+                     f"{args.eval_hashes}.")
+    if not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be positive; received "
+                     f"{args.learning_rate}.")
+    if args.hidden_dim % args.num_heads:
+        parser.error(f"--hidden-dim must be a multiple of --num-heads "
+                     f"({args.num_heads}); received {args.hidden_dim}.")
     if args.length % 2 or args.length < 8:
         parser.error(f"--length must be even and at least 8; received "
                      f"{args.length}.")

@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
@@ -87,3 +88,19 @@ def test_a_run_resumes_from_its_checkpoint(tmp_path):
     longer = run(8)
     assert {(r["resumed_from_step"], r["trained_steps"])
             for r in longer} == {(4, 8)}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "-1"], "--batch-size must be a positive integer"),
+    (["--chunk-length", "0"], "--chunk-length must be a positive integer"),
+    (["--train-hashes", "0"], "--train-hashes must be a positive integer"),
+    (["--num-heads", "3"], "--hidden-dim must be a multiple of --num-heads"),
+    (["--num-buckets", "5"], "--num-buckets must be an even number"),
+    (["--eval-hashes", "1,x"], "expected comma-separated integers"),
+    (["--eval-hashes", "0,4"], "--eval-hashes must list positive integers"),
+])
+def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        duplication_task.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
