@@ -15,11 +15,11 @@ LENGTH = 64
 
 
 def backbone(causal=True, attention_types=("lsh", "full"), chunk_length=16,
-             **kwargs):
+             axial_shape=(8, 8), **kwargs):
     return ReformerBackbone(
         vocabulary_size=50, hidden_dim=32, num_heads=2, head_dim=8,
         intermediate_dim=48, attention_types=attention_types,
-        axial_shape=(8, 8), chunk_length=chunk_length, num_hashes=2,
+        axial_shape=axial_shape, chunk_length=chunk_length, num_hashes=2,
         causal=causal, num_chunks_after=0 if causal else 1,
         feed_forward_chunk_length=16, seed=1, **kwargs)
 
@@ -208,6 +208,14 @@ def test_classifier_ignores_padding_and_round_trips(tmp_path,
     ({"attention_types": ("linformer",)}, "causal"),
     ({"attention_types": ("local",), "linformer_sharing": "x"},
      "linformer_sharing"),
+    ({"axial_shape": (64,)}, r"axial_shape must be a pair"),
+    ({"axial_shape": (8, 0)}, r"axial_shape must be a positive integer"),
+    ({"chunk_length": 0}, r"chunk_length must be a positive integer"),
+    ({"local_chunk_length": 0}, r"local_chunk_length must be a positive"),
+    ({"num_buckets": 0}, r"num_buckets must be None, an even integer"),
+    ({"layer_norm_epsilon": -1.0}, r"layer_norm_epsilon must be a non-neg"),
+    ({"attention_types": ("linformer",), "causal": False,
+      "projected_length": 0}, r"projected_length must be a positive"),
 ])
 def test_bad_backbone_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):

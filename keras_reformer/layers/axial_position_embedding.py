@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.layers.validation import check_positive_int_pair
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -32,14 +32,8 @@ class AxialPositionEmbedding(keras.layers.Layer):
     def __init__(self, axial_shape, axial_dims, initializer="random_normal",
                  **kwargs):
         super().__init__(**kwargs)
-        for name, pair in (("axial_shape", axial_shape),
-                           ("axial_dims", axial_dims)):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError(
-                    f"{name} must be a pair of positive integers; received "
-                    f"{name}={pair!r}.")
-            for value in pair:
-                check_positive_int(name, value)
+        check_positive_int_pair("axial_shape", axial_shape)
+        check_positive_int_pair("axial_dims", axial_dims)
         self.axial_shape = tuple(axial_shape)
         self.axial_dims = tuple(axial_dims)
         self.initializer = keras.initializers.get(initializer)

@@ -9,6 +9,16 @@ def check_positive_int(name, value):
         )
 
 
+def check_positive_int_pair(name, pair):
+    """Raises ValueError unless `pair` is a list or tuple of two ints >= 1."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise ValueError(
+            f"{name} must be a pair of positive integers; received "
+            f"{name}={pair!r}.")
+    for value in pair:
+        check_positive_int(name, value)
+
+
 def check_non_negative_int(name, value):
     """Raises ValueError unless `value` is an int >= 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:

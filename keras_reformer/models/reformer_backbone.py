@@ -17,6 +17,7 @@ from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
 from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.layers.validation import check_positive_int_pair
 from keras_reformer.models.token_inputs import TokenInputsMixin
 
 ATTENTION_TYPES = ("lsh", "local", "full", "full_shared_qk", "linformer")
@@ -96,6 +97,15 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                  layer_norm_epsilon=1e-12, seed=None, **kwargs):
         check_positive_int("vocabulary_size", vocabulary_size)
         check_positive_int("hidden_dim", hidden_dim)
+        check_positive_int_pair("axial_shape", axial_shape)
+        check_positive_int("chunk_length", chunk_length)
+        if local_chunk_length is not None:
+            check_positive_int("local_chunk_length", local_chunk_length)
+        if not (isinstance(layer_norm_epsilon, (int, float))
+                and layer_norm_epsilon >= 0):
+            raise ValueError(
+                f"layer_norm_epsilon must be a non-negative number; received "
+                f"layer_norm_epsilon={layer_norm_epsilon!r}.")
         attention_types = list(attention_types)
         if not attention_types or any(
                 t not in ATTENTION_TYPES for t in attention_types):
@@ -114,10 +124,13 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                 f"axial_dims must sum to hidden_dim={hidden_dim}; received "
                 f"axial_dims={tuple(axial_dims)!r}.")
         max_length = axial_shape[0] * axial_shape[1]
-        resolved_buckets = num_buckets or hashing.auto_num_buckets(
-            -(-max_length // chunk_length) * chunk_length, chunk_length)
+        resolved_buckets = num_buckets if num_buckets is not None else (
+            hashing.auto_num_buckets(
+                -(-max_length // chunk_length) * chunk_length, chunk_length))
 
-        projected_length_or_default = projected_length or min(256, max_length)
+        projected_length_or_default = (
+            min(256, max_length) if projected_length is None
+            else projected_length)
         shared_projection = None
         if linformer_sharing == "layerwise":
             shared_projection = LinformerProjection(
@@ -142,7 +155,8 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
             if kind == "local":
                 return LocalSelfAttention(
                     num_heads, head_dim,
-                    chunk_length=local_chunk_length or chunk_length,
+                    chunk_length=(chunk_length if local_chunk_length is None
+                                  else local_chunk_length),
                     segments=local_segments,
                     num_chunks_before=num_chunks_before,
                     num_chunks_after=num_chunks_after, **common)
