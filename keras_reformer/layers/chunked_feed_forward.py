@@ -50,6 +50,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True  # position-wise: a mask passes on
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]

@@ -23,8 +23,9 @@ class KeyValueAttention(SelfAttentionBase):
     at `index` may see.
     """
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
-        valid = padding_mask_or_ones(padding_mask, inputs)
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
+        valid = padding_mask_or_ones(padding_mask, inputs, mask)
         seed = draw_seed(seed, self.seed_generator) if training else None
         outputs, _ = self._attend(inputs, valid, seed)
         return outputs

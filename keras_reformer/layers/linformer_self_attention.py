@@ -118,10 +118,11 @@ class LinformerSelfAttention(SelfAttentionBase):
                 f"LinformerSelfAttention got a sequence of length {length}, "
                 f"longer than max_length={self.max_length}.")
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
         length = ops.shape(inputs)[1]
         self._check_length(length)
-        valid = padding_mask_or_ones(padding_mask, inputs)
+        valid = padding_mask_or_ones(padding_mask, inputs, mask)
         zero_padding = ops.cast(valid, inputs.dtype)[:, None, :, None]
         queries = self.project(inputs, self.query_kernel)
         keys = self.project(inputs, self.key_kernel) * zero_padding

@@ -137,7 +137,8 @@ class LSHSelfAttention(SelfAttentionBase):
         return (self.num_heads, self.head_dim, self.num_hashes,
                 hashing.rotation_columns(self.resolved_num_buckets))
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
         if training:
             seed = draw_seed(seed, self.seed_generator)
             rotations = random_normal(
@@ -147,8 +148,8 @@ class LSHSelfAttention(SelfAttentionBase):
         dropout_seed = fold_seed(seed, 1) if (
             training and self.dropout > 0) else None
         outputs, _ = self._forward(
-            inputs, padding_mask_or_ones(padding_mask, inputs), rotations,
-            dropout_seed)
+            inputs, padding_mask_or_ones(padding_mask, inputs, mask),
+            rotations, dropout_seed)
         return outputs
 
     def prefill(self, inputs, prefix_length):

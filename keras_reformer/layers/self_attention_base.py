@@ -20,7 +20,9 @@ class SelfAttentionBase(keras.layers.Layer):
     `(batch, length, hidden)`, returning the same shape; `padding_mask` is
     `(batch, length)`, true (non-zero) for real tokens; `seed` an optional
     `(2,)` integer tensor fixing the layer's randomness (used by reversible
-    recomputation).
+    recomputation). The layers also take Keras's own masks: after
+    `Embedding(mask_zero=True)`, say, the padding needs no `padding_mask`,
+    and the mask passes on to the next layer.
 
     Args:
         num_heads: int, number of heads.
@@ -44,6 +46,7 @@ class SelfAttentionBase(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True  # padded positions output zeros
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -159,22 +162,36 @@ def zero_padding(outputs, valid):
     return outputs * ops.cast(valid, outputs.dtype)[..., None]
 
 
-def padding_mask_or_ones(padding_mask, inputs):
+def padding_mask_or_ones(padding_mask, inputs, keras_mask=None):
     """A bool `(batch, length)` mask, all True when `padding_mask` is None.
+
+    `keras_mask` is the mask Keras hands a layer from an earlier one (such
+    as `Embedding(mask_zero=True)`); a token is real only where both masks
+    say so.
 
     Raises:
         ValueError: the mask's static shape is not the inputs' first two
             axes.
     """
+    if keras_mask is not None:
+        keras_mask = _checked_mask(keras_mask, inputs, "mask")
+        if padding_mask is None:
+            return keras_mask
+        return ops.logical_and(keras_mask, padding_mask_or_ones(
+            padding_mask, inputs))
     if padding_mask is None:
         return ops.ones(ops.shape(inputs)[:2], dtype="bool")
+    return _checked_mask(padding_mask, inputs, "padding_mask")
+
+
+def _checked_mask(padding_mask, inputs, name):
     mask_shape = tuple(padding_mask.shape)
     expected = tuple(inputs.shape[:2])
     if len(mask_shape) != 2 or any(
             a is not None and b is not None and a != b
             for a, b in zip(mask_shape, expected)):
         raise ValueError(
-            f"padding_mask must have shape (batch, length) = {expected}, "
+            f"{name} must have shape (batch, length) = {expected}, "
             f"matching the inputs; received shape {mask_shape}.")
     return ops.cast(padding_mask, "bool")
 
