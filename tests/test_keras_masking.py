@@ -10,6 +10,9 @@ from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import LinformerSelfAttention
 from keras_reformer.layers import LocalSelfAttention
 from keras_reformer.layers import LSHSelfAttention
+from keras_reformer.layers import PreNormBranch
+from keras_reformer.layers import ReversibleBlock
+from keras_reformer.layers import ReversibleStack
 from tests.helpers import assert_close
 from tests.helpers import to_numpy
 
@@ -48,3 +51,19 @@ def test_a_propagated_mask_is_the_padding_mask(name):
                  attention(vectors, padding_mask=first_half), atol=1e-6)
     assert np.abs(to_numpy(attention(vectors, mask=padded > 0))
                   - to_numpy(attention(vectors))).max() > 1e-3
+
+
+def test_a_reversible_stack_takes_and_passes_on_the_mask():
+    """Embedding(mask_zero=True) -> [x, x] -> reversible stack of pre-norm
+    LSH and feed-forward branches -> pooling: padding changes nothing."""
+    ids = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(20, 16, mask_zero=True)(ids)
+    x = keras.layers.Concatenate()([x, x])
+    stack = ReversibleStack([ReversibleBlock(
+        PreNormBranch(ATTENTIONS["lsh"]()),
+        PreNormBranch(ChunkedFeedForward(32, chunk_length=4)))
+        for _ in range(2)])
+    pooled = keras.Model(
+        ids, keras.layers.GlobalAveragePooling1D()(stack(x)))
+    padded = np.concatenate([REAL, np.zeros((1, 5), "int32")], axis=1)
+    assert_close(pooled(padded), pooled(REAL), atol=1e-5)

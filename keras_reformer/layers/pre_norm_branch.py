@@ -12,7 +12,8 @@ class PreNormBranch(keras.layers.Layer):
     """`layer(LayerNorm(x))`, the `f` or `g` of a reversible block.
 
     Forwards `padding_mask`, `training` and `seed` to the wrapped layer
-    (`padding_mask` only where its `call` takes one).
+    (`padding_mask` only where its `call` takes one), and a Keras mask from
+    an earlier layer where the wrapped layer takes masks.
 
     Args:
         layer: an attention or feed-forward layer.
@@ -31,18 +32,23 @@ class PreNormBranch(keras.layers.Layer):
         self.layer = layer
         self.epsilon = epsilon
         self.norm = LeanLayerNormalization(epsilon=epsilon, name="norm")
-        self._takes_padding_mask = "padding_mask" in inspect.signature(
-            layer.call).parameters
+        parameters = inspect.signature(layer.call).parameters
+        self._takes_padding_mask = "padding_mask" in parameters
+        self._takes_mask = "mask" in parameters
+        self.supports_masking = True
 
     def build(self, input_shape):
         for layer in (self.norm, self.layer):
             if not layer.built:  # deserialisation may have built it already
                 layer.build(input_shape)
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
         kwargs = {"training": training, "seed": seed}
         if self._takes_padding_mask:
             kwargs["padding_mask"] = padding_mask
+        if self._takes_mask:
+            kwargs["mask"] = mask
         return self.layer(self.norm(inputs), **kwargs)
 
     def call_with_cache(self, inputs, cache, index):

@@ -17,6 +17,7 @@ from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
+from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -47,6 +48,7 @@ class ReversibleBlock(keras.layers.Layer):
         self.g = g
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True  # a Keras mask is the padding mask
 
     def build(self, input_shape):
         _check_even(input_shape)
@@ -55,9 +57,11 @@ class ReversibleBlock(keras.layers.Layer):
             if not branch.built:
                 branch.build(half_shape)
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
-        return reversible_call([self], inputs, padding_mask, training,
-                               draw_seed(seed, self.seed_generator)
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
+        return reversible_call([self], inputs,
+                               padding_mask_or_ones(padding_mask, inputs, mask),
+                               training, draw_seed(seed, self.seed_generator)
                                if training else None)
 
     def forward(self, x1, x2, padding_mask, training, seed, f_call=None,
@@ -141,6 +145,7 @@ class ReversibleStack(keras.layers.Layer):
         self.blocks = list(blocks)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True  # a Keras mask is the padding mask
 
     def build(self, input_shape):
         _check_even(input_shape)
@@ -148,9 +153,11 @@ class ReversibleStack(keras.layers.Layer):
             if not block.built:
                 block.build(input_shape)
 
-    def call(self, inputs, padding_mask=None, training=None, seed=None):
-        return reversible_call(self.blocks, inputs, padding_mask, training,
-                               draw_seed(seed, self.seed_generator)
+    def call(self, inputs, padding_mask=None, training=None, seed=None,
+             mask=None):
+        return reversible_call(self.blocks, inputs,
+                               padding_mask_or_ones(padding_mask, inputs, mask),
+                               training, draw_seed(seed, self.seed_generator)
                                if training else None)
 
     def call_with_cache(self, inputs, cache, index):
@@ -194,9 +201,7 @@ def reversible_call(blocks, inputs, padding_mask, training, seed):
     custom gradient with block `i` seeded by `fold_seed(seed, i)`.
     """
     x1, x2 = ops.split(inputs, 2, axis=-1)
-    if padding_mask is None:
-        padding_mask = ops.ones(ops.shape(inputs)[:2], dtype="bool")
-    padding_mask = ops.cast(padding_mask, "bool")
+    padding_mask = padding_mask_or_ones(padding_mask, inputs)
     if not training:
         for block in blocks:
             x1, x2 = block.forward(x1, x2, padding_mask, False, None)
