@@ -59,10 +59,9 @@ class ReversibleBlock(keras.layers.Layer):
 
     def call(self, inputs, padding_mask=None, training=None, seed=None,
              mask=None):
-        return reversible_call([self], inputs,
-                               padding_mask_or_ones(padding_mask, inputs, mask),
-                               training, draw_seed(seed, self.seed_generator)
-                               if training else None)
+        return reversible_call([self], inputs, padding_mask, training,
+                               draw_seed(seed, self.seed_generator)
+                               if training else None, mask)
 
     def forward(self, x1, x2, padding_mask, training, seed, f_call=None,
                 g_call=None):
@@ -155,10 +154,9 @@ class ReversibleStack(keras.layers.Layer):
 
     def call(self, inputs, padding_mask=None, training=None, seed=None,
              mask=None):
-        return reversible_call(self.blocks, inputs,
-                               padding_mask_or_ones(padding_mask, inputs, mask),
-                               training, draw_seed(seed, self.seed_generator)
-                               if training else None)
+        return reversible_call(self.blocks, inputs, padding_mask, training,
+                               draw_seed(seed, self.seed_generator)
+                               if training else None, mask)
 
     def call_with_cache(self, inputs, cache, index):
         """Every block's `call_with_cache` in turn; `cache` is None
@@ -194,14 +192,17 @@ class ReversibleStack(keras.layers.Layer):
         return cls(**config)
 
 
-def reversible_call(blocks, inputs, padding_mask, training, seed):
+def reversible_call(blocks, inputs, padding_mask, training, seed,
+                    keras_mask=None):
     """Runs `blocks` on `inputs` (`x1` and `x2` concatenated on the last axis).
 
     Inference is a plain forward pass; training goes through the recomputing
-    custom gradient with block `i` seeded by `fold_seed(seed, i)`.
+    custom gradient with block `i` seeded by `fold_seed(seed, i)`. A token is
+    real where both `padding_mask` and `keras_mask` (a mask Keras hands the
+    layer) allow it.
     """
     x1, x2 = ops.split(inputs, 2, axis=-1)
-    padding_mask = padding_mask_or_ones(padding_mask, inputs)
+    padding_mask = padding_mask_or_ones(padding_mask, inputs, keras_mask)
     if not training:
         for block in blocks:
             x1, x2 = block.forward(x1, x2, padding_mask, False, None)
