@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
+from train_lm import check_positive_flags  # noqa: E402
 
 
 def duplication_batch(rng, batch_size, length, vocabulary_size):
@@ -206,12 +207,9 @@ def parse_args(argv=None):
         "steps, and resume from the last save when run again")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args(argv)
-    for name in ("vocabulary_size", "hidden_dim", "num_heads", "chunk_length",
-                 "train_hashes", "steps", "batch_size", "eval_batches"):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive "
-                         f"integer; received {value}.")
+    check_positive_flags(parser, args, (
+        "vocabulary_size", "hidden_dim", "num_heads", "chunk_length",
+        "train_hashes", "steps", "batch_size", "eval_batches"))
     if args.num_buckets is not None and (args.num_buckets < 2
                                          or args.num_buckets % 2):
         parser.error(f"--num-buckets must be an even number of at least 2; "

@@ -36,6 +36,7 @@ from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerCausalLM
 from train_lm import add_corpus_arguments
 from train_lm import check_corpus_arguments
+from train_lm import check_positive_flags
 from train_lm import export_and_check
 from train_lm import generate
 from train_lm import load_corpus
@@ -96,19 +97,11 @@ def parse_args(argv=None):
                         else "does not exist."))
     if args.command == "evaluate":
         check_corpus_arguments(parser, args)
-        for name in ("sequence_length", "batch_size"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                parser.error(f"--{name.replace('_', '-')} must be a "
-                             f"positive integer; received {value}.")
+        check_positive_flags(parser, args, ("sequence_length", "batch_size"))
     elif args.command == "generate":
         if not args.prompt:
             parser.error("--prompt must hold at least one character.")
-        for name in ("length", "top_k", "num_beams"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be a "
-                             f"positive integer; received "
-                             f"{getattr(args, name)}.")
+        check_positive_flags(parser, args, ("length", "top_k", "num_beams"))
         if not 0.0 < args.top_p <= 1.0:
             parser.error(f"--top-p must be in (0, 1]; received {args.top_p}.")
         if not args.temperature > 0.0:
@@ -155,7 +148,8 @@ def evaluate(parser, args, model):
                      f"{length}.")
     train_text, held_out_text = load_corpus(args)
     text = train_text + held_out_text if args.whole_corpus else held_out_text
-    if text_data.num_windows(text, length) < 1:
+    windows = text_data.num_windows(text, length)
+    if windows < 1:
         parser.error(f"{len(text):,} bytes of text are too few for one "
                      f"window of {length} + 1 bytes; give more text or a "
                      "smaller --sequence-length.")
@@ -164,7 +158,6 @@ def evaluate(parser, args, model):
     model.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[BitsPerByte()], jit_compile=args.jit_compile)
-    windows = text_data.num_windows(text, length)
     print(f"Scoring {windows * length:,} bytes in {windows} windows of "
           f"{length} bytes...", flush=True)
     start = time.time()
@@ -184,15 +177,14 @@ def main(argv=None):
         evaluate(parser, args, model)
         return
     if args.command == "export":
-        backend = keras.backend.backend()
-        if backend != "tensorflow":
-            parser.error(f"export needs the TensorFlow backend; "
-                         f"KERAS_BACKEND is {backend!r}.")
         ids = np.random.RandomState(0).randint(
             0, text_data.VOCABULARY_SIZE,
             (2, min(128, model.backbone.max_length))).astype("int32")
-        export_and_check(model, args.directory,
-                         {"token_ids": ids, "padding_mask": np.ones_like(ids)})
+        try:  # another backend, or a directory holding something else
+            export_and_check(model, args.directory, {
+                "token_ids": ids, "padding_mask": np.ones_like(ids)})
+        except ValueError as error:
+            parser.error(str(error))
         return
     prompt = args.prompt.encode("utf-8")
     capacity = model.backbone.max_length

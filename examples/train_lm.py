@@ -94,14 +94,10 @@ def parse_args(argv=None):
     output.add_argument("--export-dir", default="saved_models/reformer_lm")
     args = parser.parse_args(argv)
 
-    for name in ("sequence_length", "hidden_dim",
-                 "num_heads", "chunk_length", "num_hashes", "epochs",
-                 "steps_per_epoch", "batch_size", "sample_length",
-                 "steps_per_execution"):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive "
-                         f"integer; received {value}.")
+    check_positive_flags(parser, args, (
+        "sequence_length", "hidden_dim", "num_heads", "chunk_length",
+        "num_hashes", "epochs", "steps_per_epoch", "batch_size",
+        "sample_length", "steps_per_execution"))
     if args.sequence_length < 2:
         parser.error(f"--sequence-length must be at least 2; received "
                      f"{args.sequence_length}.")
@@ -142,10 +138,18 @@ def add_corpus_arguments(parser):
                       default=text_data.DEFAULT_MAX_CORPUS_BYTES)
 
 
+def check_positive_flags(parser, args, names):
+    """Exits through `parser.error` for the first of the integer flags
+    `names` (attribute names) that is set and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"integer; received {value}.")
+
+
 def check_corpus_arguments(parser, args):
-    if args.max_corpus_bytes < 1:
-        parser.error(f"--max-corpus-bytes must be a positive integer; "
-                     f"received {args.max_corpus_bytes}.")
+    check_positive_flags(parser, args, ("max_corpus_bytes",))
     if args.text_files and args.tfds_dataset:
         parser.error("give at most one of --text-files and --tfds-dataset.")
 
