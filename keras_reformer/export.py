@@ -31,9 +31,12 @@ def export_for_serving(model, path, verbose=False):
     The signature takes `token_ids`, int32 `(batch, length)` with any batch
     size and any length up to the model's maximum, treats every token as real
     (padding mask of ones) and returns the model's output as
-    `{"logits": float32}`: `(batch, length, vocabulary)` for a `ReformerCausalLM`,
-    `(batch, classes)` for a `ReformerClassifier`. The model runs with `training=False`, so LSH layers hash
-    with their fixed rotations and the outputs are deterministic. Loading
+    `{"logits": float32}`: `(batch, length, vocabulary)` for a
+    `ReformerCausalLM`, `(batch, classes)` for a `ReformerClassifier`; a
+    `ReformerMaskedLM`'s signature also takes int32 `mask_positions`
+    `(batch, masked)` and returns `(batch, masked, vocabulary)`. The model
+    runs with `training=False`, so LSH layers hash with their fixed
+    rotations and the outputs are deterministic. Loading
     needs only TensorFlow, not keras_reformer (TF Serving's case).
 
     A `ReformerCausalLM` also gets the signature `generate` (cached
@@ -92,16 +95,20 @@ def export_for_serving(model, path, verbose=False):
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    def serve(token_ids):
+    signature = [tf.TensorSpec((None, None), tf.int32, name="token_ids")]
+    if "mask_positions" in model.input:  # a ReformerMaskedLM
+        signature.append(
+            tf.TensorSpec((None, None), tf.int32, name="mask_positions"))
+
+    def serve(token_ids, *mask_positions):
         inputs = {"token_ids": token_ids,
                   "padding_mask": tf.ones_like(token_ids)}
+        if mask_positions:
+            inputs["mask_positions"] = mask_positions[0]
         logits = model(inputs, training=False)
         return {"logits": tf.cast(logits, tf.float32)}
 
-    archive.add_endpoint(
-        SERVING_ENDPOINT, serve,
-        input_signature=[tf.TensorSpec((None, None), tf.int32,
-                                       name="token_ids")])
+    archive.add_endpoint(SERVING_ENDPOINT, serve, input_signature=signature)
     if hasattr(model, "generate_step"):
         archive.add_endpoint(GENERATE_ENDPOINT, _generate_function(model),
                              input_signature=GENERATE_SIGNATURE)

@@ -36,6 +36,9 @@ _SKIPPED_DIRS = frozenset({
 DEFAULT_MAX_CORPUS_BYTES = 4_000_000
 # Byte-level: one token id per byte value.
 VOCABULARY_SIZE = 256
+# `masked_lm_dataset`'s mask token: one id past the bytes.
+MASK_TOKEN_ID = VOCABULARY_SIZE
+MASKED_LM_VOCABULARY_SIZE = VOCABULARY_SIZE + 1
 
 
 def stdlib_corpus(max_bytes=DEFAULT_MAX_CORPUS_BYTES):
@@ -322,32 +325,117 @@ def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
     >>> x["token_ids"].shape, y.shape
     (TensorShape([4, 16]), TensorShape([4, 16]))
     """
+    def to_example(ids):
+        inputs = {"token_ids": ids[:, :-1],
+                  "padding_mask": tf.ones_like(ids[:, :-1])}
+        return inputs, ids[:, 1:]
+
+    return _byte_window_batches(
+        data, sequence_length, sequence_length + 1, batch_size, shuffle,
+        seed, repeat, drop_remainder).map(
+            to_example, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def masked_lm_dataset(data, sequence_length, batch_size, mask_rate=0.15,
+                      shuffle=False, seed=0, repeat=False,
+                      drop_remainder=True):
+    """Masked-byte prediction examples from raw bytes (BERT's masking).
+
+    `data` is cut into windows of `sequence_length` bytes. In each window
+    `round(mask_rate * sequence_length)` positions (at least one) are
+    selected at random; of those, 80% become `MASK_TOKEN_ID`, 10% a random
+    byte and 10% stay, and the model predicts the original bytes there.
+    The selection is drawn from stateless random numbers of `seed` and the
+    batch's index, so each pass over the data masks it the same way and an
+    evaluation is repeatable (shuffling reorders windows, not masks).
+
+    Args:
+        data: `bytes`, at least `sequence_length` long.
+        sequence_length: int, tokens per example.
+        batch_size: int, examples per batch.
+        mask_rate: float in (0, 1), the share of positions to predict.
+        shuffle: bool, shuffle the windows (a new order every pass).
+        seed: int, the seed of the shuffle and of the masks.
+        repeat: bool, repeat forever (for `fit(steps_per_epoch=...)`).
+        drop_remainder: bool, drop the last batch if it is incomplete.
+
+    Returns:
+        `tf.data.Dataset` of `({"token_ids", "padding_mask",
+        "mask_positions"}, original_ids)`: int32, `token_ids` and
+        `padding_mask` `(batch, sequence_length)`, `mask_positions` (sorted)
+        and `original_ids` `(batch, num_masked)`; for a `ReformerMaskedLM`
+        whose vocabulary holds `MASKED_LM_VOCABULARY_SIZE` ids.
+
+    Example:
+    >>> ds = masked_lm_dataset(b"hello world " * 100, 32, 4, mask_rate=0.25)
+    >>> x, y = next(iter(ds))
+    >>> x["token_ids"].shape, x["mask_positions"].shape, y.shape
+    (TensorShape([4, 32]), TensorShape([4, 8]), TensorShape([4, 8]))
+    """
+    if not 0.0 < mask_rate < 1.0:
+        raise ValueError(f"mask_rate must be in (0, 1); received "
+                         f"mask_rate={mask_rate!r}.")
+    num_masked = max(1, int(round(mask_rate * sequence_length)))
+
+    def to_example(index, ids):
+        rows = tf.shape(ids)[0]
+        seeds = tf.random.experimental.stateless_split(
+            tf.stack([tf.cast(seed, tf.int64), index]), 3)
+        scores = tf.random.stateless_uniform(
+            tf.shape(ids), seeds[0], dtype=tf.float32)
+        positions = tf.sort(tf.math.top_k(scores, num_masked).indices, -1)
+        originals = tf.gather(ids, positions, batch_dims=1)
+        choice = tf.random.stateless_uniform(
+            (rows, num_masked), seeds[1], dtype=tf.float32)
+        random_bytes = tf.random.stateless_uniform(
+            (rows, num_masked), seeds[2], maxval=VOCABULARY_SIZE,
+            dtype=tf.int32)
+        replacements = tf.where(choice < 0.8, MASK_TOKEN_ID, tf.where(
+            choice < 0.9, random_bytes, originals))
+        batch_rows = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(
+            positions))
+        masked_ids = tf.tensor_scatter_nd_update(
+            ids, tf.stack([batch_rows, positions], -1), replacements)
+        inputs = {"token_ids": masked_ids,
+                  "padding_mask": tf.ones_like(ids),
+                  "mask_positions": positions}
+        return inputs, originals
+
+    return _byte_window_batches(
+        data, sequence_length, sequence_length, batch_size, shuffle, seed,
+        repeat, drop_remainder).enumerate().map(
+            to_example, num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _byte_window_batches(data, sequence_length, window_length, batch_size,
+                         shuffle, seed, repeat, drop_remainder):
+    """Batches of `window_length`-byte windows of `data` starting every
+    `sequence_length` bytes, tokenised: int32 `(batch, window_length)`."""
     if not isinstance(data, bytes):
         raise TypeError(f"data must be bytes; received data of type "
                         f"{type(data).__name__}.")
     check_positive_int("sequence_length", sequence_length)
     check_positive_int("batch_size", batch_size)
-    count = num_windows(data, sequence_length)
+    overlap = window_length - sequence_length
+    count = max(0, (len(data) - overlap) // sequence_length)
     needed = batch_size if drop_remainder else 1
     if count < needed:
         raise ValueError(
             f"data of {len(data)} bytes gives {count} windows of "
-            f"sequence_length={sequence_length} + 1 bytes, fewer than "
-            f"{needed} (batch_size={batch_size}, drop_remainder="
+            f"{window_length} bytes (sequence_length={sequence_length}), "
+            f"fewer than {needed} (batch_size={batch_size}, drop_remainder="
             f"{drop_remainder}); give more text or make sequence_length "
             "smaller.")
-    windows = [data[i * sequence_length:(i + 1) * sequence_length + 1]
+    windows = [data[i * sequence_length:i * sequence_length + window_length]
                for i in range(count)]
     tokenizer = byte_tokenizer()
 
     def tokenize(strings):
         ids = tokenizer(strings)  # ragged (batch, None): all rows full
         rows = batch_size if drop_remainder else None  # static when it can be
-        ids = ids.to_tensor(shape=(rows, sequence_length + 1))
-        ids = tf.cast(ids, tf.int32)
-        inputs = {"token_ids": ids[:, :-1],
-                  "padding_mask": tf.ones_like(ids[:, :-1])}
-        return inputs, ids[:, 1:]
+        return tf.cast(ids.to_tensor(shape=(rows, window_length)), tf.int32)
 
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(windows))
     if shuffle:
@@ -356,6 +444,5 @@ def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)

@@ -124,6 +124,11 @@ def test_cached_generation_matches_the_whole_prefix(policy):
         assert keras.backend.standardize_dtype(logits.dtype) == policy[6:]
         whole = to_numpy(lm({"token_ids": ids[:, :t + 1],
                              "padding_mask": np.ones((2, t + 1), "int32")}))
+        # The two paths round differently; bfloat16 keeps 8 significant
+        # bits, so logits near 2.4 lie 0.016 apart: allow six such steps
+        # (measured up to 0.0625 on an AMD EPYC host; earlier hosts stayed
+        # within 0.05).
         np.testing.assert_allclose(
             to_numpy(logits)[:, 0].astype("float32"),
-            whole[:, -1].astype("float32"), atol=0.05)
+            whole[:, -1].astype("float32"),
+            atol=0.1 if policy == "mixed_bfloat16" else 0.05)

@@ -42,25 +42,10 @@ class TokenIdCheck(keras.layers.Layer):
             raise ValueError(
                 "token_ids must hold at least one token per sequence; "
                 f"received shape {tuple(token_ids.shape)}.")
-        message = (f"token ids must be in [0, {self.vocabulary_size}) "
-                   f"(vocabulary_size={self.vocabulary_size})")
-        valid = ops.logical_and(token_ids >= 0,
-                                token_ids < self.vocabulary_size)
-        factor = ops.where(valid, 1.0, float("nan"))[..., None]
-        factor = ops.cast(factor, self.compute_dtype)
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            check = tf.debugging.Assert(tf.reduce_all(valid), [message])
-            with tf.control_dependencies([check]):
-                return tf.identity(token_ids), tf.identity(factor)
-        if not _is_traced(token_ids):
-            values = ops.convert_to_numpy(token_ids)
-            if values.size and (values.min() < 0
-                                or values.max() >= self.vocabulary_size):
-                raise ValueError(f"{message}; received ids from "
-                                 f"{values.min()} to {values.max()}.")
-        return token_ids, factor
+        return checked_indices(
+            token_ids, self.vocabulary_size,
+            f"token ids must be in [0, {self.vocabulary_size}) "
+            f"(vocabulary_size={self.vocabulary_size})", self.compute_dtype)
 
     def compute_output_spec(self, token_ids):
         shape = tuple(token_ids.shape)
@@ -71,6 +56,33 @@ class TokenIdCheck(keras.layers.Layer):
         config = super().get_config()
         config["vocabulary_size"] = self.vocabulary_size
         return config
+
+
+def checked_indices(indices, upper, message, dtype):
+    """`indices` and a factor that is 1 where `0 <= index < upper`, NaN
+    elsewhere (`indices.shape + (1,)`, in `dtype`), raising first where the
+    backend can (see `TokenIdCheck`).
+
+    Args:
+        indices: int tensor.
+        upper: int or scalar int tensor, the exclusive upper bound.
+        message: str, what the error says (the valid range).
+        dtype: the factor's dtype.
+    """
+    valid = ops.logical_and(indices >= 0, indices < upper)
+    factor = ops.cast(ops.where(valid, 1.0, float("nan"))[..., None], dtype)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        check = tf.debugging.Assert(tf.reduce_all(valid), [message])
+        with tf.control_dependencies([check]):
+            return tf.identity(indices), tf.identity(factor)
+    if not _is_traced(indices):
+        values = ops.convert_to_numpy(indices)
+        if values.size and not ops.convert_to_numpy(valid).all():
+            raise ValueError(f"{message}; received values from "
+                             f"{values.min()} to {values.max()}.")
+    return indices, factor
 
 
 def _is_traced(x):

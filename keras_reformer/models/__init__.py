@@ -4,3 +4,5 @@ from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_causal_lm import ReformerCausalLM
 from keras_reformer.models.reformer_classifier import MaskedMeanPooling
 from keras_reformer.models.reformer_classifier import ReformerClassifier
+from keras_reformer.models.reformer_masked_lm import GatherPositions
+from keras_reformer.models.reformer_masked_lm import ReformerMaskedLM

@@ -1,0 +1,80 @@
+"""Masked language model on a bidirectional `ReformerBackbone`."""
+
+import keras
+from keras import ops
+
+from keras_reformer.layers.token_id_check import checked_indices
+from keras_reformer.models.reformer_task import ReformerTask
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class ReformerMaskedLM(ReformerTask):
+    """Masked language model: features at `mask_positions` -> token logits.
+
+    Takes the backbone's inputs (`token_ids`, with the selected tokens
+    replaced, and `padding_mask`) plus `mask_positions`, int
+    `(batch, num_masked)`, and returns the logits of the original tokens
+    there, `(batch, num_masked, vocabulary_size)`. Only the masked positions
+    are projected onto the vocabulary, so a long sequence never holds
+    `(length, vocabulary)` logits. `text_data.masked_lm_dataset` makes
+    training examples from bytes; the pretrained `backbone` can then be put
+    under a `ReformerClassifier`.
+
+    Args:
+        backbone: a bidirectional (`causal=False`) `ReformerBackbone`.
+
+    Example:
+    >>> from keras_reformer.models import ReformerBackbone
+    >>> mlm = ReformerMaskedLM(ReformerBackbone(
+    ...     vocabulary_size=257, hidden_dim=32, num_heads=2, head_dim=16,
+    ...     intermediate_dim=64, axial_shape=(8, 16), chunk_length=16,
+    ...     causal=False, num_chunks_after=1))
+    >>> logits = mlm({"token_ids": keras.ops.ones((2, 128), "int32"),
+    ...               "padding_mask": keras.ops.ones((2, 128), "int32"),
+    ...               "mask_positions": keras.ops.array([[0, 5], [7, 127]])})
+    >>> tuple(logits.shape)
+    (2, 2, 257)
+    """
+
+    def __init__(self, backbone, **kwargs):
+        if backbone.causal:
+            raise ValueError(
+                "ReformerMaskedLM needs a bidirectional backbone; received "
+                "a backbone with causal=True.")
+        inputs = dict(backbone.input)
+        inputs["mask_positions"] = keras.Input(
+            (None,), dtype="int32", name="mask_positions")
+        features = backbone({"token_ids": inputs["token_ids"],
+                             "padding_mask": inputs["padding_mask"]})
+        masked = GatherPositions(name="gather_masked")(
+            features, inputs["mask_positions"])
+        logits = keras.layers.Dense(backbone.vocabulary_size,
+                                    name="mlm_head")(masked)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        self.backbone = backbone
+
+    def get_config(self):
+        return self.task_config()
+
+
+@keras.saving.register_keras_serializable(package="keras_reformer")
+class GatherPositions(keras.layers.Layer):
+    """`features[b, positions[b, i]]`: `(batch, n, hidden)`.
+
+    Positions outside `[0, length)` raise where the backend can and make
+    their rows NaN under XLA (as `TokenIdCheck` does for token ids), never
+    a silently clamped row.
+    """
+
+    def call(self, features, positions):
+        length = ops.shape(features)[1]
+        positions, factor = checked_indices(
+            positions, length,
+            "mask_positions must be in [0, sequence length)",
+            features.dtype)
+        safe = ops.clip(positions, 0, length - 1)
+        gathered = ops.take_along_axis(features, safe[..., None], axis=1)
+        return gathered * factor
+
+    def compute_output_shape(self, features_shape, positions_shape):
+        return tuple(positions_shape) + (features_shape[-1],)
