@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras_reformer import export
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
+from keras_reformer.models import ReformerClassifier
 
 VOCABULARY = 256
 MAX_LENGTH = 64
@@ -88,6 +89,15 @@ def tiny_lm(seed):
         intermediate_dim=32, attention_types=["lsh", "full"],
         axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
         feed_forward_chunk_length=16, seed=seed))
+
+
+def tiny_classifier(seed):
+    """A model that exports faster than an LM (no `generate` signature)."""
+    return ReformerClassifier(ReformerBackbone(
+        vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
+        intermediate_dim=32, attention_types=["local"], axial_shape=(8, 8),
+        chunk_length=16, causal=False, num_chunks_after=1, seed=seed),
+        num_classes=3)
 
 
 def python_logits(model, token_ids):
@@ -215,7 +225,7 @@ def test_saved_model_cli_runs_the_serving_signature(exported):
 
 def test_failed_export_leaves_the_previous_model(tmp_path, monkeypatch):
     path = str(tmp_path / "model")
-    good, other = tiny_lm(seed=1), tiny_lm(seed=2)
+    good, other = tiny_classifier(seed=1), tiny_classifier(seed=2)
     export.export_for_serving(good, path)
     token_ids = random_ids(2, 20, seed=3)
     before = served_logits(path, token_ids)
@@ -248,7 +258,8 @@ def test_export_refuses_to_replace_a_directory_without_a_savedmodel(
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="no saved_model.pb"):
-        export.export_for_serving(tiny_lm(seed=1), str(tmp_path / "notes"))
+        export.export_for_serving(tiny_classifier(seed=1),
+                                  str(tmp_path / "notes"))
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
@@ -265,7 +276,6 @@ def test_save_keras_model_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("attention_types,causal", [
-    (["local", "lsh"], True),
     (["lsh", "local", "full"], True),
     (["linformer", "local"], False),
     (["lsh", "linformer"], False),
@@ -273,8 +283,6 @@ def test_save_keras_model_round_trip(tmp_path):
 def test_every_attention_mix_exports(tmp_path, attention_types, causal):
     """The serving signature works for every attention type: LMs, and
     bidirectional classifiers (Linformer)."""
-    from keras_reformer.models import ReformerClassifier
-
     backbone = ReformerBackbone(
         vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=32, attention_types=attention_types,

@@ -176,31 +176,38 @@ def lm_and_inputs():
     return model, ids
 
 
-@pytest.mark.parametrize("bad_id", [50, -1])
-def test_out_of_range_token_ids_raise_also_when_served(tmp_path, bad_id):
+@pytest.fixture(scope="module")
+def served_lm(tmp_path_factory):
+    """An LM, valid token ids and its exported `serving_default` (one
+    export for the tests below: exporting an LM takes seconds)."""
     model, ids = lm_and_inputs()
-    ids[1, 7] = bad_id
-    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"token ids must be in \[0, 50\)"):
-        model(inputs)
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"token ids must be in \[0, 50\)"):
-        model.predict(inputs, verbose=0)
-    path = export_for_serving(model, str(tmp_path / "lm"))
+    path = export_for_serving(model, str(tmp_path_factory.mktemp("lm")))
     serve = tf.saved_model.load(path).signatures["serving_default"]
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"token ids must be in \[0, 50\)"):
-        serve(token_ids=tf.constant(ids))
-    ids[1, 7] = 49
-    assert np.all(np.isfinite(serve(token_ids=tf.constant(ids))["logits"]))
+    return model, ids, serve
+
+
+def test_out_of_range_token_ids_raise_also_when_served(served_lm):
+    model, valid_ids, serve = served_lm
+    assert np.all(np.isfinite(serve(token_ids=tf.constant(valid_ids))[
+        "logits"]))
+    for bad_id in (50, -1):
+        ids = valid_ids.copy()
+        ids[1, 7] = bad_id
+        inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"token ids must be in \[0, 50\)"):
+            model(inputs)
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"token ids must be in \[0, 50\)"):
+            model.predict(inputs, verbose=0)
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"token ids must be in \[0, 50\)"):
+            serve(token_ids=tf.constant(ids))
 
 
 def test_served_model_gives_identical_answers_under_concurrent_calls(
-        tmp_path):
-    model, ids = lm_and_inputs()
-    path = export_for_serving(model, str(tmp_path / "lm"))
-    serve = tf.saved_model.load(path).signatures["serving_default"]
+        served_lm):
+    _, ids, serve = served_lm
     requests = [np.roll(ids, shift, axis=1) for shift in range(8)]
     serial = [serve(token_ids=tf.constant(r))["logits"].numpy()
               for r in requests]
