@@ -347,8 +347,9 @@ def masked_lm_dataset(data, sequence_length, batch_size, mask_rate=0.15,
     selected at random; of those, 80% become `MASK_TOKEN_ID`, 10% a random
     byte and 10% stay, and the model predicts the original bytes there.
     The selection is drawn from stateless random numbers of `seed` and the
-    batch's index, so each pass over the data masks it the same way and an
-    evaluation is repeatable (shuffling reorders windows, not masks).
+    batch's index in the stream, so iterating an unshuffled, unrepeated
+    dataset again gives the same masks (an evaluation is repeatable); with
+    `shuffle` or `repeat`, a window meets new masks on each pass.
 
     Args:
         data: `bytes`, at least `sequence_length` long.
