@@ -289,9 +289,11 @@ def as_text(detokenized):
     return detokenized.decode("utf-8", "replace")
 
 
-def num_windows(data, sequence_length):
-    """How many training examples `language_model_dataset` cuts from `data`."""
-    return max(0, (len(data) - 1) // sequence_length)
+def num_windows(data, sequence_length, overlap=1):
+    """How many examples `language_model_dataset` (`overlap=1`: each window
+    holds one more byte, the last target) or `masked_lm_dataset`
+    (`overlap=0`) cuts from `data`."""
+    return max(0, (len(data) - overlap) // sequence_length)
 
 
 def language_model_dataset(data, sequence_length, batch_size, shuffle=False,
@@ -419,8 +421,8 @@ def _byte_window_batches(data, sequence_length, window_length, batch_size,
                         f"{type(data).__name__}.")
     check_positive_int("sequence_length", sequence_length)
     check_positive_int("batch_size", batch_size)
-    overlap = window_length - sequence_length
-    count = max(0, (len(data) - overlap) // sequence_length)
+    count = num_windows(data, sequence_length,
+                        overlap=window_length - sequence_length)
     needed = batch_size if drop_remainder else 1
     if count < needed:
         raise ValueError(
