@@ -89,6 +89,25 @@ def test_factorised_buckets_equal_full_attention():
                  to_numpy(full(x, padding_mask=mask)) * valid, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal, before, after", [
+    (False, 1, 1),  # look-back and look-ahead reach the same chunk
+    (True, 2, 0),   # the look-back goes round the ring to the query's own
+])
+def test_a_window_reaching_a_chunk_twice_counts_its_keys_once(causal, before,
+                                                              after):
+    """Two chunks, one hash round: every chunk's window holds every key,
+    some chunks twice; each key must count once, as in exact attention."""
+    lsh = LSHSelfAttention(2, 8, chunk_length=16, num_hashes=1, num_buckets=2,
+                           causal=causal, num_chunks_before=before,
+                           num_chunks_after=after, seed=1)
+    x = inputs(length=32)
+    mask = np.ones((BATCH, 32), "int32")
+    lsh.build(x.shape)
+    reference = numpy_shared_qk_attention(
+        x, *[to_numpy(w) for w in lsh.get_weights()[:3]], mask, causal)
+    assert_close(lsh(x), reference, atol=2e-5)
+
+
 def many_chunk_layer(causal=True, **kwargs):
     layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=2,
                              num_buckets=8, causal=causal, seed=3, **kwargs)

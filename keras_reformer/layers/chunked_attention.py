@@ -60,8 +60,11 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
         allowed = ops.logical_and(allowed, ops.equal(offset, key_offsets))
     scores = ops.where(allowed, scores, ops.cast(mask_value, scores.dtype))
     if mask_self:
+        # Only an allowed copy of the token itself: a masked one (padding, a
+        # repeated chunk) stays masked.
         scores = ops.where(
-            ops.equal(query_positions, key_positions),
+            ops.logical_and(ops.equal(query_positions, key_positions),
+                            allowed),
             ops.cast(self_mask_value, scores.dtype),
             scores,
         )

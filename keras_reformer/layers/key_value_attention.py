@@ -6,9 +6,9 @@ from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.self_attention_base import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
+from keras_reformer.layers.self_attention_base import zero_padding
 
 
 class KeyValueAttention(SelfAttentionBase):
@@ -25,15 +25,16 @@ class KeyValueAttention(SelfAttentionBase):
 
     def call(self, inputs, padding_mask=None, training=None, seed=None,
              mask=None):
-        valid = padding_mask_or_ones(padding_mask, inputs, mask)
+        inputs, valid = self.real_inputs(inputs, padding_mask, mask)
         seed = draw_seed(seed, self.seed_generator) if training else None
         outputs, _ = self._attend(inputs, valid, seed)
         return outputs
 
     def prefill(self, inputs, prefix_length):
         """See `call_with_cache`; the cache holds keys and values."""
-        outputs, attended = self._attend(
-            inputs, prefix_mask(inputs, prefix_length), None)
+        valid = prefix_mask(inputs, prefix_length)
+        outputs, attended = self._attend(zero_padding(inputs, valid), valid,
+                                         None)
         _, keys, values = self.project_all(attended)
         return outputs, {"keys": keys, "values": values}
 

@@ -5,7 +5,6 @@ from keras import ops
 
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.validation import check_positive_int
 
@@ -122,11 +121,11 @@ class LinformerSelfAttention(SelfAttentionBase):
              mask=None):
         length = ops.shape(inputs)[1]
         self._check_length(length)
-        valid = padding_mask_or_ones(padding_mask, inputs, mask)
-        zero_padding = ops.cast(valid, inputs.dtype)[:, None, :, None]
+        # Padded inputs are zeros, and so are their keys and values.
+        inputs, valid = self.real_inputs(inputs, padding_mask, mask)
         queries = self.project(inputs, self.query_kernel)
-        keys = self.project(inputs, self.key_kernel) * zero_padding
-        values = self.project(inputs, self.value_kernel) * zero_padding
+        keys = self.project(inputs, self.key_kernel)
+        values = self.project(inputs, self.value_kernel)
         keys = self.key_projection(keys)
         values = (self.value_projection or self.key_projection)(values)
         if training:

@@ -15,7 +15,6 @@ from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.self_attention_base import pad_to_multiple
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
 from keras_reformer.layers.self_attention_base import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
 from keras_reformer.layers.self_attention_base import zero_padding
@@ -148,15 +147,16 @@ class LSHSelfAttention(SelfAttentionBase):
         dropout_seed = fold_seed(seed, 1) if (
             training and self.dropout > 0) else None
         outputs, _ = self._forward(
-            inputs, padding_mask_or_ones(padding_mask, inputs, mask),
-            rotations, dropout_seed)
+            *self.real_inputs(inputs, padding_mask, mask), rotations,
+            dropout_seed)
         return outputs
 
     def prefill(self, inputs, prefix_length):
         """See `call_with_cache`. The cache holds the keys, the values, the
         bucket of every position and each round's positions in sorted
         order (the rotations are the fixed inference ones)."""
-        return self._forward(inputs, prefix_mask(inputs, prefix_length),
+        valid = prefix_mask(inputs, prefix_length)
+        return self._forward(zero_padding(inputs, valid), valid,
                              self.rotations, None, with_cache=True)
 
     def _forward(self, inputs, valid, rotations, dropout_seed,
@@ -213,8 +213,11 @@ class LSHSelfAttention(SelfAttentionBase):
         key_positions = ops.reshape(ops.take_along_axis(
             ops.reshape(order, (batch, heads, -1)),
             ops.reshape(key_slots, (batch, heads, -1)), axis=2), shape)
-        # Slots after the new token's hold no token yet.
-        key_valid = ops.reshape(key_slots % capacity <= index, shape)
+        # Slots after the new token's hold no token yet, and a chunk seen
+        # twice (a look-back round a ring of few chunks) counts once.
+        key_valid = ops.reshape(ops.logical_and(
+            key_slots % capacity <= index,
+            self._first_copies(index)[:, None]), shape)
 
         def gather(x):
             flat = ops.reshape(key_positions, (batch, heads, -1))[..., None]
@@ -251,6 +254,14 @@ class LSHSelfAttention(SelfAttentionBase):
         rounds, within = neighbour // real_chunks, neighbour % real_chunks
         return ((rounds * capacity + within * chunk)[..., None]
                 + ops.arange(chunk, dtype="int32"))
+
+    def _first_copies(self, index):
+        """`(num_chunks_before + 1,)` bool: whether each part of the window
+        `_window_slots` gives the token at `index` holds a chunk that no
+        earlier part holds (parts `p` and `q` coincide when the ring's size
+        divides `p - q`)."""
+        ring = self.num_hashes * (index // self.chunk_length + 1)
+        return ops.arange(self.num_chunks_before + 1, dtype="int32") < ring
 
     def _group_size(self):
         """Heads hashed and attended at a time, None for all at once."""
@@ -330,14 +341,16 @@ class LSHSelfAttention(SelfAttentionBase):
         redo = rounds * length + flat_positions
         # Each chunk's window of keys (itself and its neighbours on the
         # ring), to be gathered straight from the unsorted keys and values.
-        window, window_inverse = layout.windows(
+        window, window_inverse, first_copy = layout.windows(
             self.num_chunks_before, self.num_chunks_after)
         key_positions = ops.take_along_axis(
             flat_positions, window[:, None, :], axis=2)
         key_copies = ops.reshape(ops.take_along_axis(
             window_inverse[:, None], undo[:, :, None, :], axis=3),
             (batch, heads, -1))
-        key_valid = ops.take_along_axis(valid, key_positions, axis=2)
+        key_valid = ops.logical_and(
+            ops.take_along_axis(valid, key_positions, axis=2),
+            first_copy[:, None, :])
         indices = (flat_positions, undo, redo, key_positions, key_copies,
                    key_valid)
         return buckets, sorted_positions, indices
@@ -596,12 +609,18 @@ class _RealChunksFirst:
         padding; a ring of their own keeps every slot in every part of the
         windows exactly once, which the gathers' gradients rely on).
 
+        A ring shorter than the window (few chunks: a short input, or a
+        look-back reaching round the ring) holds a chunk in several parts of
+        a window; only its first copy counts, so each key is attended once.
+
         Returns:
-            `(window, inverse)`: `window` `(batch, num_chunks * width *
-            chunk_length)` int, the slot at each place of the windows
-            (window after window, each `width = 1 + before + after` chunks,
-            the earliest first); `inverse` `(batch, width, num_hashes *
-            length)` int, the place slot `s` takes in part `p` of a window.
+            `(window, inverse, first_copy)`: `window` `(batch, num_chunks *
+            width * chunk_length)` int, the slot at each place of the
+            windows (window after window, each `width = 1 + before + after`
+            chunks, the earliest first); `inverse` `(batch, width, num_hashes
+            * length)` int, the place slot `s` takes in part `p` of a window;
+            `first_copy`, bool like `window`, False where the place repeats a
+            chunk of an earlier part of its window.
         """
         chunk_length = self.chunk_length
         num_chunks = self.num_hashes * self.length // chunk_length
@@ -623,5 +642,13 @@ class _RealChunksFirst:
         users = ops.stack([neighbours(-o) for o in offsets], axis=1)
         parts = ops.arange(width, dtype="int32")[:, None, None]
         inverse = (users[..., None] * width + parts) * chunk_length + within
-        return (ops.reshape(window, (-1, num_chunks * width * chunk_length)),
-                ops.reshape(inverse, (-1, width, num_chunks * chunk_length)))
+        # Parts p and q of a window on a ring of n chunks hold the same
+        # chunk when n divides p - q: the first copy is the part below n.
+        ring_size = ops.where(chunks < ring, ring, padding)[..., None]
+        first_copy = ops.arange(width, dtype="int32") < ring_size
+        first_copy = ops.broadcast_to(
+            first_copy[..., None], ops.shape(first_copy) + (chunk_length,))
+        size = num_chunks * width * chunk_length
+        return (ops.reshape(window, (-1, size)),
+                ops.reshape(inverse, (-1, width, num_chunks * chunk_length)),
+                ops.reshape(first_copy, (-1, size)))

@@ -72,6 +72,20 @@ class SelfAttentionBase(keras.layers.Layer):
             initializer=self.kernel_initializer,
         )
 
+    def real_inputs(self, inputs, padding_mask, keras_mask):
+        """The inputs with padded positions zeroed, and the validity mask.
+
+        Padded positions may hold anything (NaN and inf included); zeroed
+        here, they reach no real output through a product with a zero
+        attention weight, and no gradient either.
+
+        Returns:
+            `(inputs, valid)`, `valid` a bool `(batch, length)` mask (see
+            `padding_mask_or_ones`).
+        """
+        valid = padding_mask_or_ones(padding_mask, inputs, keras_mask)
+        return zero_padding(inputs, valid), valid
+
     def project(self, inputs, kernel):
         """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`.
 
@@ -157,9 +171,12 @@ class SelfAttentionBase(keras.layers.Layer):
 
 
 def zero_padding(outputs, valid):
-    """`outputs` `(batch, length, hidden)` with zeros where `valid`
-    `(batch, length)` is False."""
-    return outputs * ops.cast(valid, outputs.dtype)[..., None]
+    """`outputs` `(batch, length, ...)` with zeros where `valid`
+    `(batch, length)` is False, whatever they held there (NaN or inf
+    included: selected away, not multiplied by zero)."""
+    valid = ops.reshape(valid, tuple(ops.shape(valid)) + (1,) * (
+        len(outputs.shape) - 2))
+    return ops.where(valid, outputs, ops.zeros_like(outputs))
 
 
 def padding_mask_or_ones(padding_mask, inputs, keras_mask=None):
