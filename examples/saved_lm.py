@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+import zipfile
 
 import keras_reformer  # noqa: F401  (first: sets KERAS_BACKEND=tensorflow)
 import keras
@@ -112,6 +113,10 @@ def parse_args(argv=None):
 
 def load_lm(parser, path):
     """The `ReformerCausalLM` saved at `path`."""
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        parser.error(f"{path} is not a complete .keras file (a zip "
+                     "archive): it is truncated or damaged. Save the model "
+                     "again.")
     model = keras.saving.load_model(path, compile=False)
     if not isinstance(model, ReformerCausalLM):
         parser.error(f"{path} holds a {type(model).__name__}, not a "

@@ -22,6 +22,7 @@ from keras_reformer.layers.linformer_self_attention import LinformerProjection
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerClassifier
 from keras_reformer.models import ReformerCausalLM
+from keras_reformer.text_data import byte_preprocessor
 
 SMALL = dict(vocabulary_size=50, hidden_dim=16, num_heads=2, head_dim=8,
              intermediate_dim=32, axial_shape=(8, 8), chunk_length=16,
@@ -106,6 +107,12 @@ CONFIGURATION_CASES = {
     "backbone vocabulary 0": (lambda: backbone(vocabulary_size=0),
                               "vocabulary_size=0"),
     "backbone hidden_dim 0": (lambda: backbone(hidden_dim=0), "hidden_dim=0"),
+    "backbone hidden_dim 1": (lambda: backbone(hidden_dim=1),
+                              "hidden_dim must be at least 2"),
+    "preprocessor longer than the positions": (
+        lambda: ReformerCausalLM(backbone(),
+                                 preprocessor=byte_preprocessor()),
+        "sequence_length=1024 is longer than the backbone's 64 positions"),
     "backbone unknown attention": (
         lambda: backbone(attention_types=["lsh", "sparse"]), "sparse"),
     "backbone no layers": (lambda: backbone(attention_types=[]),

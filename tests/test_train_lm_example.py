@@ -149,6 +149,7 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     (["generate", "MODEL", "--prompt", "x", "--top-p", "1.5"],
      "--top-p must be in (0, 1]; received 1.5"),
     (["generate", "MODEL", "--prompt", ""], "--prompt must hold"),
+    (["generate", "MODEL", "--prompt", "x"], "is not a complete .keras file"),
 ])
 def test_saved_lm_rejects_bad_arguments_with_a_clear_message(
         tmp_path, flags, message):

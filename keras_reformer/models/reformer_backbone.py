@@ -118,6 +118,11 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
                 f"linformer_sharing must be one of {SHARING_MODES}; received "
                 f"linformer_sharing={linformer_sharing!r}.")
         if axial_dims is None:
+            if hidden_dim < 2:
+                raise ValueError(
+                    "hidden_dim must be at least 2: the axial position "
+                    "embedding splits it over its two axes; received "
+                    f"hidden_dim={hidden_dim}.")
             axial_dims = (hidden_dim // 2, hidden_dim - hidden_dim // 2)
         if sum(axial_dims) != hidden_dim:
             raise ValueError(

@@ -44,6 +44,15 @@ class ReformerCausalLM(ReformerTask):
             raise ValueError(
                 "ReformerCausalLM needs a causal backbone; received a "
                 "backbone with causal=False.")
+        sequence_length = getattr(preprocessor, "sequence_length", None)
+        if sequence_length is not None and (
+                sequence_length > backbone.max_length):
+            raise ValueError(
+                f"The preprocessor's sequence_length={sequence_length} is "
+                f"longer than the backbone's {backbone.max_length} positions "
+                f"(axial_shape={backbone.axial_shape}); pass a "
+                f"preprocessor with sequence_length <= {backbone.max_length} "
+                f"(e.g. byte_preprocessor({backbone.max_length})).")
         inputs = backbone.input
         logits = keras.layers.Dense(backbone.vocabulary_size, name="lm_head")(
             backbone(inputs))
