@@ -37,6 +37,9 @@ from keras_reformer.models.reformer_backbone import ATTENTION_TYPES
 
 CAUSAL_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "linformer")
 PROMPT_LENGTH = 64
+# Each hash round adds a full attention pass; the paper uses at most 8.
+MAX_NUM_HASHES = 64
+MAX_SEED = 2**31 - 1
 
 
 def parse_args(argv=None):
@@ -96,8 +99,11 @@ def parse_args(argv=None):
 
     check_positive_flags(parser, args, (
         "sequence_length", "hidden_dim", "num_heads", "chunk_length",
-        "num_hashes", "epochs", "steps_per_epoch", "batch_size",
-        "sample_length", "steps_per_execution"))
+        "epochs", "steps_per_epoch", "batch_size", "sample_length",
+        "steps_per_execution"))
+    check_flag_range(parser, args, "num_hashes", 1, MAX_NUM_HASHES)
+    check_flag_range(parser, args, "seed", 0, MAX_SEED)
+    check_positive_number_flags(parser, args, ("learning_rate",))
     if args.sequence_length < 2:
         parser.error(f"--sequence-length must be at least 2; received "
                      f"{args.sequence_length}.")
@@ -146,6 +152,27 @@ def check_positive_flags(parser, args, names):
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive "
                          f"integer; received {value}.")
+
+
+def check_flag_range(parser, args, name, low, high=math.inf):
+    """Exits through `parser.error` if the integer flag `name` (an attribute
+    name) is outside `[low, high]`."""
+    value = getattr(args, name)
+    if not low <= value <= high:
+        allowed = (f"at least {low}" if high == math.inf
+                   else f"between {low} and {high}")
+        parser.error(f"--{name.replace('_', '-')} must be an integer "
+                     f"{allowed}; received {value}.")
+
+
+def check_positive_number_flags(parser, args, names):
+    """Exits through `parser.error` for the first of the float flags `names`
+    that is not a finite number above 0 (nan, inf, 0 or negative)."""
+    for name in names:
+        value = getattr(args, name)
+        if not 0.0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"finite number; received {value}.")
 
 
 def check_corpus_arguments(parser, args):

@@ -14,6 +14,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
 SAVED_LM = os.path.join(ROOT, "examples", "saved_lm.py")
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import saved_lm  # noqa: E402
+import train_lm  # noqa: E402
 
 
 def run_example(*flags, timeout=150, script=SCRIPT, backend="tensorflow"):
@@ -141,6 +145,14 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     assert (export_dir / "saved_model.pb").is_file()
 
 
+def usage_error(parse_args, flags, capsys):
+    """The message `parse_args(flags)` exits with (status 2, argparse's)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["generate", "missing.keras", "--prompt", "x"], "does not exist"),
     (["generate", SCRIPT, "--prompt", "x"], "is not a .keras file"),
@@ -149,15 +161,19 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     (["generate", "MODEL", "--prompt", "x", "--top-p", "1.5"],
      "--top-p must be in (0, 1]; received 1.5"),
     (["generate", "MODEL", "--prompt", ""], "--prompt must hold"),
+    (["generate", "MODEL", "--prompt", "x", "--top-k", "100000"],
+     "--top-k must be an integer between 1 and 256; received 100000"),
+    (["generate", "MODEL", "--prompt", "x", "--seed", "-1"],
+     "--seed must be an integer between 0 and 2147483647; received -1"),
+    (["generate", "MODEL", "--prompt", "x", "--temperature", "inf"],
+     "--temperature must be a positive finite number; received inf"),
 ])
 def test_saved_lm_rejects_bad_arguments_with_a_clear_message(
-        tmp_path, flags, message):
+        tmp_path, flags, message, capsys):
     model = tmp_path / "model.keras"
     model.write_bytes(b"")  # the flags are checked before it is loaded
     flags = [str(model) if f == "MODEL" else f for f in flags]
-    run = run_example(*flags, timeout=60, script=SAVED_LM)
-    assert run.returncode == 2
-    assert message in run.stderr, run.stderr[-2000:]
+    assert message in usage_error(saved_lm.parse_args, flags, capsys)
 
 
 def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
@@ -171,11 +187,18 @@ def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
     (["--attention", "lsh,bogus"], "--attention takes types"),
     (["--attention", "lsh,full", "--num-layers", "3"], "names 2 layers"),
     (["--sample-length", "300"], "--sample-length must be smaller"),
+    (["--learning-rate", "nan"],
+     "--learning-rate must be a positive finite number; received nan"),
+    (["--learning-rate", "inf"], "finite number; received inf"),
+    (["--learning-rate", "-0.1"], "finite number; received -0.1"),
+    (["--learning-rate", "0"], "finite number; received 0.0"),
+    (["--num-hashes", "100000"],
+     "--num-hashes must be an integer between 1 and 64; received 100000"),
+    (["--seed", "-1"],
+     "--seed must be an integer between 0 and 2147483647; received -1"),
 ])
-def test_bad_flags_are_rejected_with_a_clear_message(flags, message):
-    run = run_example(*flags, timeout=60)
-    assert run.returncode == 2
-    assert message in run.stderr, run.stderr[-2000:]
+def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys):
+    assert message in usage_error(train_lm.parse_args, flags, capsys)
 
 
 def test_killed_run_resumes_from_its_last_epoch(tmp_path):
