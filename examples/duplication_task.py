@@ -38,7 +38,11 @@ import numpy as np  # noqa: E402
 
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
+from train_lm import MAX_NUM_HASHES  # noqa: E402
+from train_lm import MAX_SEED  # noqa: E402
+from train_lm import check_flag_range  # noqa: E402
 from train_lm import check_positive_flags  # noqa: E402
+from train_lm import check_positive_number_flags  # noqa: E402
 
 
 def duplication_batch(rng, batch_size, length, vocabulary_size):
@@ -208,18 +212,21 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-every", type=int, default=500)
     args = parser.parse_args(argv)
     check_positive_flags(parser, args, (
-        "vocabulary_size", "hidden_dim", "num_heads", "chunk_length",
-        "train_hashes", "steps", "batch_size", "eval_batches"))
+        "hidden_dim", "num_heads", "chunk_length", "steps", "batch_size",
+        "eval_batches"))
+    # Words are drawn from 1..vocabulary-1: at least one symbol.
+    check_flag_range(parser, args, "vocabulary_size", 2)
+    check_flag_range(parser, args, "train_hashes", 1, MAX_NUM_HASHES)
+    check_flag_range(parser, args, "seed", 0, MAX_SEED - 1)  # eval: seed + 1
+    check_positive_number_flags(parser, args, ("learning_rate",))
     if args.num_buckets is not None and (args.num_buckets < 2
                                          or args.num_buckets % 2):
         parser.error(f"--num-buckets must be an even number of at least 2; "
                      f"received {args.num_buckets}.")
-    if not args.eval_hashes or min(args.eval_hashes) < 1:
-        parser.error(f"--eval-hashes must list positive integers; received "
-                     f"{args.eval_hashes}.")
-    if not args.learning_rate > 0:
-        parser.error(f"--learning-rate must be positive; received "
-                     f"{args.learning_rate}.")
+    if not args.eval_hashes or not all(
+            1 <= n <= MAX_NUM_HASHES for n in args.eval_hashes):
+        parser.error(f"--eval-hashes must list integers between 1 and "
+                     f"{MAX_NUM_HASHES}; received {args.eval_hashes}.")
     if args.hidden_dim % args.num_heads:
         parser.error(f"--hidden-dim must be a multiple of --num-heads "
                      f"({args.num_heads}); received {args.hidden_dim}.")

@@ -36,8 +36,11 @@ from keras_reformer import text_data
 from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerCausalLM
 from train_lm import add_corpus_arguments
+from train_lm import MAX_SEED
 from train_lm import check_corpus_arguments
+from train_lm import check_flag_range
 from train_lm import check_positive_flags
+from train_lm import check_positive_number_flags
 from train_lm import export_and_check
 from train_lm import generate
 from train_lm import load_corpus
@@ -102,12 +105,12 @@ def parse_args(argv=None):
     elif args.command == "generate":
         if not args.prompt:
             parser.error("--prompt must hold at least one character.")
-        check_positive_flags(parser, args, ("length", "top_k", "num_beams"))
+        check_positive_flags(parser, args, ("length", "num_beams"))
+        check_flag_range(parser, args, "top_k", 1, text_data.VOCABULARY_SIZE)
+        check_flag_range(parser, args, "seed", 0, MAX_SEED)
         if not 0.0 < args.top_p <= 1.0:
             parser.error(f"--top-p must be in (0, 1]; received {args.top_p}.")
-        if not args.temperature > 0.0:
-            parser.error(f"--temperature must be positive; received "
-                         f"{args.temperature}.")
+        check_positive_number_flags(parser, args, ("temperature",))
     return parser, args
 
 

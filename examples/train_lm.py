@@ -8,6 +8,12 @@ held-out prompt, saves `<export-dir>.keras`, exports a TF SavedModel for
 serving to `<export-dir>` and checks that the reloaded SavedModel's logits
 equal the Python model's.
 
+A killed run started again with the same command resumes from the backup
+in `--backup-dir` (kept until the export is done): at its last finished
+epoch, or at sampling and export once all epochs are done. The backup
+records the flags that decide what is trained; a run with other values
+refuses it.
+
     python examples/train_lm.py
     python examples/train_lm.py --attention lsh,full --sequence-length 1024
     python examples/train_lm.py --text-files my.txt --epochs 5
@@ -15,8 +21,12 @@ equal the Python model's.
 """
 
 import argparse
+import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import keras_reformer  # noqa: F401  (first: sets KERAS_BACKEND=tensorflow)
@@ -37,6 +47,16 @@ from keras_reformer.models.reformer_backbone import ATTENTION_TYPES
 
 CAUSAL_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "linformer")
 PROMPT_LENGTH = 64
+# Each hash round adds a full attention pass; the paper uses at most 8.
+MAX_NUM_HASHES = 64
+MAX_SEED = 2**31 - 1
+# The flags that decide what a run trains: a backup resumes only a run with
+# the same values.
+RUN_FLAGS = ("text_files", "tfds_dataset", "tfds_split", "tfds_feature",
+             "max_corpus_bytes", "sequence_length", "attention", "num_layers",
+             "hidden_dim", "num_heads", "chunk_length", "num_hashes",
+             "epochs", "steps_per_epoch", "batch_size", "learning_rate",
+             "seed")
 
 
 def parse_args(argv=None):
@@ -87,7 +107,8 @@ def parse_args(argv=None):
                           help="backup directory (BackupAndRestore, or the "
                                "strategy.run loop's own backup): a killed "
                                "run started again resumes from its last "
-                               "epoch (default: <export-dir>.backup)")
+                               "epoch; deleted once the model is exported "
+                               "(default: <export-dir>.backup)")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-length", type=int, default=120,
                         help="bytes to generate after the prompt")
@@ -96,8 +117,11 @@ def parse_args(argv=None):
 
     check_positive_flags(parser, args, (
         "sequence_length", "hidden_dim", "num_heads", "chunk_length",
-        "num_hashes", "epochs", "steps_per_epoch", "batch_size",
-        "sample_length", "steps_per_execution"))
+        "epochs", "steps_per_epoch", "batch_size", "sample_length",
+        "steps_per_execution"))
+    check_flag_range(parser, args, "num_hashes", 1, MAX_NUM_HASHES)
+    check_flag_range(parser, args, "seed", 0, MAX_SEED)
+    check_positive_number_flags(parser, args, ("learning_rate",))
     if args.sequence_length < 2:
         parser.error(f"--sequence-length must be at least 2; received "
                      f"{args.sequence_length}.")
@@ -148,6 +172,27 @@ def check_positive_flags(parser, args, names):
                          f"integer; received {value}.")
 
 
+def check_flag_range(parser, args, name, low, high=math.inf):
+    """Exits through `parser.error` if the integer flag `name` (an attribute
+    name) is outside `[low, high]`."""
+    value = getattr(args, name)
+    if not low <= value <= high:
+        allowed = (f"at least {low}" if high == math.inf
+                   else f"between {low} and {high}")
+        parser.error(f"--{name.replace('_', '-')} must be an integer "
+                     f"{allowed}; received {value}.")
+
+
+def check_positive_number_flags(parser, args, names):
+    """Exits through `parser.error` for the first of the float flags `names`
+    that is not a finite number above 0 (nan, inf, 0 or negative)."""
+    for name in names:
+        value = getattr(args, name)
+        if not 0.0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a positive "
+                         f"finite number; received {value}.")
+
+
 def check_corpus_arguments(parser, args):
     check_positive_flags(parser, args, ("max_corpus_bytes",))
     if args.text_files and args.tfds_dataset:
@@ -193,9 +238,9 @@ def load_corpus(args):
         else:
             source = "the Python standard library's .py sources"
             data = text_data.stdlib_corpus(args.max_corpus_bytes)
+        train, held_out = text_data.split_corpus(data)
     except (OSError, RuntimeError, ValueError) as error:
         sys.exit(f"error: {error}")
-    train, held_out = text_data.split_corpus(data)
     print(f"Corpus: {len(data):,} bytes from {source} "
           f"({time.time() - start:.1f} s); training on {len(train):,}, "
           f"holding out the last {len(held_out):,}.", flush=True)
@@ -273,19 +318,114 @@ def make_strategy(args):
 class HeldOutReport(keras.callbacks.Callback):
     """Prints the held-out bits per byte after each epoch, on its own line."""
 
-    def __init__(self):
-        super().__init__()
-        self.history = []
-
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.history.append(logs["val_bits_per_byte"])
         print(f"==> epoch {epoch + 1}: held-out bits per byte "
               f"{logs['val_bits_per_byte']:.3f} (training "
               f"{logs['bits_per_byte']:.3f}; uniform 8.000), "
               f"{time.time() - self.start:.0f} s", flush=True)
+
+
+class RunRecord(keras.callbacks.Callback):
+    """The run's `RUN_FLAGS` and held-out bits per byte by epoch, kept in
+    `run.json` in `--backup-dir` beside the backup; says when a run resumes.
+
+    A backup that records other flags (or none) ends the program when the
+    record is made, before anything is trained: it belongs to another run.
+
+    Args:
+        args: the parsed flags.
+        write: bool, whether this process writes the record (the chief).
+    """
+
+    def __init__(self, args, write=True):
+        super().__init__()
+        self.backup_dir = args.backup_dir
+        self.path = os.path.join(args.backup_dir, "run.json")
+        self.epochs = args.epochs
+        self.write = write
+        # As JSON gives them back (lists, not tuples).
+        self.flags = json.loads(json.dumps(
+            {name: getattr(args, name) for name in RUN_FLAGS}))
+        self.history = []
+        if os.path.exists(self.backup_dir):
+            self.history = self._restore()
+
+    def _restore(self):
+        """The recorded history, if the backup records these flags."""
+        try:
+            with open(self.path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        saved = record.get("flags")
+        if saved == self.flags:
+            return record["held_out_bits_per_byte"]
+        if saved is None:
+            which = f"it holds no readable {self.path}"
+        else:
+            which = "; ".join(
+                f"--{name.replace('_', '-')} {saved.get(name)!r} there, "
+                f"{value!r} here" for name, value in self.flags.items()
+                if saved.get(name) != value)
+        sys.exit(f"error: the backup {self.backup_dir} belongs to another "
+                 f"configuration ({which}). Delete it to start afresh, or "
+                 "give another --export-dir or --backup-dir.")
+
+    def on_train_begin(self, logs=None):
+        self.trained = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.trained and epoch:
+            print(f"The backup {self.backup_dir} holds epochs 1-{epoch}: "
+                  f"resuming from epoch {epoch + 1} of {self.epochs}.",
+                  flush=True)
+        self.trained = True
+        del self.history[epoch:]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.history.append(logs["val_bits_per_byte"])
+        if self.write:
+            os.makedirs(self.backup_dir, exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump({"flags": self.flags,
+                           "held_out_bits_per_byte": self.history}, f)
+            os.replace(self.path + ".tmp", self.path)
+
+    def on_train_end(self, logs=None):
+        if not self.trained:
+            print(f"The backup {self.backup_dir} holds all {self.epochs} "
+                  "epochs: nothing left to train.", flush=True)
+
+
+def check_writable(paths):
+    """Exits unless files can be created beside each of `paths`, a dict
+    `{flag: path to be written}`."""
+    for flag, path in paths.items():
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError as error:
+            sys.exit(f"error: {flag} {path} cannot be written: its "
+                     f"directory {directory} cannot be created or written "
+                     f"to ({error.strerror}). Give a writable path.")
+
+
+def check_corpus_size(args, train_text, held_out_text):
+    """Exits unless both parts of the corpus hold a batch of windows."""
+    needed = args.batch_size * args.sequence_length + 1
+    if len(held_out_text) < needed:
+        corpus = len(train_text) + len(held_out_text)
+        sys.exit(f"error: a corpus of {corpus:,} bytes is too small: its "
+                 f"held-out last 5% ({len(held_out_text):,} bytes) must "
+                 f"hold a batch of --batch-size {args.batch_size} windows "
+                 f"of --sequence-length {args.sequence_length} + 1 bytes, "
+                 f"{needed:,} bytes (a corpus of about {20 * needed:,} "
+                 "bytes). Give more text, or smaller --batch-size or "
+                 "--sequence-length.")
 
 
 def generate(model, prompt, length):
@@ -344,8 +484,14 @@ def main(argv=None):
     # First: MultiWorkerMirroredStrategy must configure TensorFlow's
     # collective ops before any other TensorFlow work.
     strategy = make_strategy(args)
+    chief = multi_worker_training.is_chief(strategy)
+    if chief:
+        check_writable({"--export-dir": args.export_dir,
+                        "--backup-dir": args.backup_dir})
+    record = RunRecord(args, write=chief)
     keras.utils.set_random_seed(args.seed)
     train_text, held_out_text = load_corpus(args)
+    check_corpus_size(args, train_text, held_out_text)
     train = text_data.language_model_dataset(
         train_text, args.sequence_length, args.batch_size, shuffle=True,
         seed=args.seed, repeat=True)
@@ -375,31 +521,35 @@ def main(argv=None):
               flush=True)
         trainer = multi_worker_training.StrategyTrainer(
             model, model.optimizer, strategy, jit_compile=args.jit_compile)
-        trainer.fit(train, epochs=args.epochs,
-                    steps_per_epoch=args.steps_per_epoch,
-                    validation_data=held_out, callbacks=[report],
-                    verbose=1 if sys.stdout.isatty() else 2,
-                    backup_dir=args.backup_dir,
-                    weights_path=args.export_dir + ".checkpoints/"
-                    "epoch_{epoch:02d}.weights.h5")
+        history = trainer.fit(
+            train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+            validation_data=held_out, callbacks=[record, report],
+            verbose=1 if sys.stdout.isatty() else 2,
+            backup_dir=args.backup_dir, delete_backup=False,
+            weights_path=args.export_dir + ".checkpoints/"
+            "epoch_{epoch:02d}.weights.h5")["val_bits_per_byte"]
+        # (The trainer's history: here the record is written after the
+        # backup, so it may miss the last backed-up epoch.)
     else:
         model.fit(train, epochs=args.epochs,
                   steps_per_epoch=args.steps_per_epoch,
                   shuffle=False,  # the dataset shuffles itself
                   validation_data=held_out,
-                  # The report comes last: once an epoch is reported, it is
-                  # backed up and checkpointed.
+                  # The record comes first, the report last: once an epoch
+                  # is reported, it is recorded, backed up and checkpointed.
                   callbacks=[
-                      keras.callbacks.BackupAndRestore(args.backup_dir),
+                      record,
+                      keras.callbacks.BackupAndRestore(
+                          args.backup_dir, delete_checkpoint=False),
                       keras.callbacks.ModelCheckpoint(
                           args.export_dir + ".checkpoints/"
                           "epoch_{epoch:02d}.weights.h5",
                           save_weights_only=True),
                       report],
                   verbose=1 if sys.stdout.isatty() else 2)
+        history = record.history
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
-          "by epoch: " + ", ".join(f"{v:.3f}" for v in report.history),
-          flush=True)
+          "by epoch: " + ", ".join(f"{v:.3f}" for v in history), flush=True)
 
     prompt = held_out_prompt(
         held_out_text, min(PROMPT_LENGTH, args.sequence_length -
@@ -420,15 +570,17 @@ def main(argv=None):
               f"examples/saved_lm.py evaluate|generate {keras_path})",
               flush=True)
         backend = keras.backend.backend()
-        if backend != "tensorflow":
+        if backend == "tensorflow":
+            inputs, _ = next(iter(held_out))
+            export_and_check(model, export_dir, inputs)
+        else:
             print(f"Not exported: a SavedModel is written from the "
                   f"TensorFlow backend (this run: {backend}). Export the "
                   "saved model with: KERAS_BACKEND=tensorflow python "
                   f"examples/saved_lm.py export {keras_path} {export_dir}",
                   flush=True)
-            return
-        inputs, _ = next(iter(held_out))
-        export_and_check(model, export_dir, inputs)
+    if chief:  # all done: a run killed before this resumes at the export
+        shutil.rmtree(args.backup_dir)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ class StrategyTrainer:
         return {"loss": loss, "bits_per_byte": loss / math.log(2.0)}
 
     def fit(self, dataset, epochs, steps_per_epoch, validation_data=None,
-            callbacks=None, verbose=1, backup_dir=None, weights_path=None):
+            callbacks=None, verbose=1, backup_dir=None, weights_path=None,
+            delete_backup=True):
         """Trains `epochs` x `steps_per_epoch` steps.
 
         With `backup_dir`, a run that is killed and started again with the
@@ -265,8 +266,8 @@ class StrategyTrainer:
         uninterrupted one when `dataset` yields the same batches each time
         it is iterated afresh (a fixed-seed shuffle, like
         `text_data.language_model_dataset` with a seed); otherwise it
-        continues with other batches. When
-        training completes, the chief deletes `backup_dir`.
+        continues with other batches. When training completes, the chief
+        deletes `backup_dir` (unless `delete_backup=False`).
 
         Args:
             dataset: `tf.data.Dataset` of `(inputs, labels)` global batches,
@@ -292,6 +293,11 @@ class StrategyTrainer:
                 `epoch` (1-based) and the epoch's logs, e.g.
                 `"lm.checkpoints/epoch_{epoch:02d}.weights.h5"`. Missing
                 directories are created.
+            delete_backup: bool, delete `backup_dir` when training
+                completes (default); `False` keeps it, for a caller with
+                more to do after training (like `keras.callbacks.
+                BackupAndRestore(delete_checkpoint=False)`): started again,
+                `fit` restores it and trains no more epochs.
 
         Returns:
             A dict of per-epoch lists: `loss`, `bits_per_byte` (the mean
@@ -374,7 +380,7 @@ class StrategyTrainer:
                                                            **logs))
                 for callback in callbacks:
                     callback.on_epoch_end(epoch, logs)
-            if backup is not None and chief:
+            if backup is not None and chief and delete_backup:
                 tf.io.gfile.rmtree(backup_dir)
         for callback in callbacks:
             callback.on_train_end()

@@ -93,11 +93,23 @@ def test_a_run_resumes_from_its_checkpoint(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "-1"], "--batch-size must be a positive integer"),
     (["--chunk-length", "0"], "--chunk-length must be a positive integer"),
-    (["--train-hashes", "0"], "--train-hashes must be a positive integer"),
+    (["--train-hashes", "0"],
+     "--train-hashes must be an integer between 1 and 64; received 0"),
+    (["--train-hashes", "100000"],
+     "--train-hashes must be an integer between 1 and 64; received 100000"),
+    (["--vocabulary-size", "1"],
+     "--vocabulary-size must be an integer at least 2; received 1"),
+    (["--seed", "-1"], "--seed must be an integer between 0 and"),
+    (["--learning-rate", "nan"],
+     "--learning-rate must be a positive finite number; received nan"),
+    (["--learning-rate", "inf"], "finite number; received inf"),
+    (["--learning-rate", "0"], "finite number; received 0.0"),
     (["--num-heads", "3"], "--hidden-dim must be a multiple of --num-heads"),
     (["--num-buckets", "5"], "--num-buckets must be an even number"),
     (["--eval-hashes", "1,x"], "expected comma-separated integers"),
-    (["--eval-hashes", "0,4"], "--eval-hashes must list positive integers"),
+    (["--eval-hashes", "0,4"],
+     "--eval-hashes must list integers between 1 and 64; received [0, 4]"),
+    (["--eval-hashes", "4,100000"], "between 1 and 64; received [4, 100000]"),
 ])
 def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

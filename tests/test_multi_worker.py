@@ -228,6 +228,33 @@ def test_bad_arguments_are_rejected_by_name():
         assert path == "somewhere/lm"
 
 
+def test_a_kept_backup_restores_the_finished_run_without_training(tmp_path):
+    """`fit(delete_backup=False)` keeps the backup; the same `fit` again
+    restores the trained weights and history and trains no more steps."""
+    import tensorflow as tf
+
+    from keras_reformer import multi_worker_training as mwt
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    trainer = mwt.StrategyTrainer(model, keras.optimizers.SGD(0.1))
+    data = tf.data.Dataset.from_tensors(
+        (np.ones((4, 2), "float32"), np.zeros(4, "int32"))).repeat()
+    backup = tmp_path / "backup"
+
+    def fit():
+        return trainer.fit(data, epochs=2, steps_per_epoch=2, verbose=0,
+                           backup_dir=backup, delete_backup=False)
+
+    history = fit()
+    assert backup.is_dir()
+    trained = model.get_weights()
+    model.set_weights([np.zeros_like(w) for w in trained])
+    assert fit() == history
+    assert int(trainer.optimizer.iterations) == 4
+    for weight, expected in zip(model.get_weights(), trained):
+        np.testing.assert_array_equal(weight, expected)
+
+
 # argv: output prefix, backup directory, weights_path, epochs, the epoch
 # after which to wait for SIGKILL (0: never). Adam (slots and step count to
 # restore), a seeded shuffle over 3 batches with 2 steps per epoch (epochs

@@ -19,6 +19,8 @@ from keras_reformer.layers import LSHSelfAttention
 from keras_reformer.layers import ReversibleBlock
 from keras_reformer.layers import PreNormBranch
 from keras_reformer.layers.linformer_self_attention import LinformerProjection
+from keras_reformer.layers.validation import check_non_negative_int
+from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerClassifier
 from keras_reformer.models import ReformerCausalLM
@@ -171,6 +173,20 @@ def test_bad_input_raises_a_clear_error(case):
     make, message = INPUT_CASES[case]
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         make()
+
+
+@pytest.mark.parametrize("value", [np.int64(16), np.int32(1), 16])
+def test_numpy_integers_count_as_integers(value):
+    check_positive_int("num_heads", value)
+    check_non_negative_int("num_chunks_before", value)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), 16.0,
+                                   np.float32(16), np.int64(0)])
+def test_bools_floats_and_zero_are_not_positive_integers(value):
+    with pytest.raises(ValueError, match="num_heads must be a positive "
+                                         "integer; received num_heads="):
+        check_positive_int("num_heads", value)
 
 
 def test_at_least_thirty_distinct_cases():

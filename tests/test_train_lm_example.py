@@ -14,6 +14,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
 SAVED_LM = os.path.join(ROOT, "examples", "saved_lm.py")
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import saved_lm  # noqa: E402
+import train_lm  # noqa: E402
 
 
 def run_example(*flags, timeout=150, script=SCRIPT, backend="tensorflow"):
@@ -22,6 +26,12 @@ def run_example(*flags, timeout=150, script=SCRIPT, backend="tensorflow"):
         [sys.executable, script, *flags], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=timeout)
 
+
+# The smallest run: one layer, 3 steps of 4 x 32 bytes per epoch.
+TINY_FLAGS = ["--sequence-length", "32", "--num-layers", "1", "--hidden-dim",
+              "16", "--chunk-length", "16", "--batch-size", "4",
+              "--steps-per-epoch", "3", "--max-corpus-bytes", "20000",
+              "--sample-length", "4"]
 
 # 62,000 bytes hold out 3,100: 48 windows of 64 + 1, six whole batches of 8,
 # so the held-out report and `saved_lm.py evaluate` score the same windows.
@@ -122,12 +132,8 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     `saved_lm.py export` then writes the SavedModel from the .keras file in
     a TensorFlow process and checks its logits against the model's."""
     export_dir = tmp_path / "lm"
-    run = run_example(
-        "--sequence-length", "32", "--num-layers", "1", "--hidden-dim", "16",
-        "--chunk-length", "16", "--batch-size", "4", "--steps-per-epoch",
-        "3", "--epochs", "1", "--max-corpus-bytes", "20000",
-        "--sample-length", "4", "--export-dir", str(export_dir),
-        backend="jax")
+    run = run_example(*TINY_FLAGS, "--epochs", "1", "--export-dir",
+                      str(export_dir), backend="jax")
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert "Not exported" in run.stdout and "saved_lm.py export" in run.stdout
@@ -141,6 +147,14 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     assert (export_dir / "saved_model.pb").is_file()
 
 
+def usage_error(parse_args, flags, capsys):
+    """The message `parse_args(flags)` exits with (status 2, argparse's)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["generate", "missing.keras", "--prompt", "x"], "does not exist"),
     (["generate", SCRIPT, "--prompt", "x"], "is not a .keras file"),
@@ -149,16 +163,28 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
     (["generate", "MODEL", "--prompt", "x", "--top-p", "1.5"],
      "--top-p must be in (0, 1]; received 1.5"),
     (["generate", "MODEL", "--prompt", ""], "--prompt must hold"),
-    (["generate", "MODEL", "--prompt", "x"], "is not a complete .keras file"),
+    (["generate", "MODEL", "--prompt", "x", "--top-k", "100000"],
+     "--top-k must be an integer between 1 and 256; received 100000"),
+    (["generate", "MODEL", "--prompt", "x", "--seed", "-1"],
+     "--seed must be an integer between 0 and 2147483647; received -1"),
+    (["generate", "MODEL", "--prompt", "x", "--temperature", "inf"],
+     "--temperature must be a positive finite number; received inf"),
 ])
 def test_saved_lm_rejects_bad_arguments_with_a_clear_message(
-        tmp_path, flags, message):
+        tmp_path, flags, message, capsys):
     model = tmp_path / "model.keras"
     model.write_bytes(b"")  # the flags are checked before it is loaded
     flags = [str(model) if f == "MODEL" else f for f in flags]
-    run = run_example(*flags, timeout=60, script=SAVED_LM)
-    assert run.returncode == 2
-    assert message in run.stderr, run.stderr[-2000:]
+    assert message in usage_error(saved_lm.parse_args, flags, capsys)
+
+
+def test_saved_lm_refuses_a_truncated_keras_file(tmp_path, capsys):
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"PK\x03\x04 truncated")
+    parser, _ = saved_lm.parse_args(["generate", str(model), "--prompt", "x"])
+    with pytest.raises(SystemExit):
+        saved_lm.load_lm(parser, str(model))
+    assert "is not a complete .keras file" in capsys.readouterr().err
 
 
 def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
@@ -172,42 +198,92 @@ def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
     (["--attention", "lsh,bogus"], "--attention takes types"),
     (["--attention", "lsh,full", "--num-layers", "3"], "names 2 layers"),
     (["--sample-length", "300"], "--sample-length must be smaller"),
+    (["--learning-rate", "nan"],
+     "--learning-rate must be a positive finite number; received nan"),
+    (["--learning-rate", "inf"], "finite number; received inf"),
+    (["--learning-rate", "-0.1"], "finite number; received -0.1"),
+    (["--learning-rate", "0"], "finite number; received 0.0"),
+    (["--num-hashes", "100000"],
+     "--num-hashes must be an integer between 1 and 64; received 100000"),
+    (["--seed", "-1"],
+     "--seed must be an integer between 0 and 2147483647; received -1"),
 ])
-def test_bad_flags_are_rejected_with_a_clear_message(flags, message):
-    run = run_example(*flags, timeout=60)
-    assert run.returncode == 2
-    assert message in run.stderr, run.stderr[-2000:]
+def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys):
+    assert message in usage_error(train_lm.parse_args, flags, capsys)
+
+
+def main_error(flags):
+    """The message `train_lm.main(flags)` exits with, before training."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.main(flags)
+    return str(exit_info.value.code)
+
+
+def test_an_unwritable_export_dir_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    export_dir = tmp_path / "file" / "lm"  # a folder in a file
+    message = main_error([*TINY_FLAGS, "--export-dir", str(export_dir)])
+    assert f"--export-dir {export_dir} cannot be written" in message
+
+
+@pytest.mark.parametrize("size, message", [
+    (1000, "a corpus of 1,000 bytes is too small: its held-out last 5% (50 "
+           "bytes) must hold a batch of --batch-size 4 windows of "
+           "--sequence-length 32 + 1 bytes, 129 bytes"),
+    (5, "A corpus of 5 bytes is too small to hold out"),
+])
+def test_a_corpus_too_small_for_a_held_out_batch_is_refused(
+        tmp_path, size, message):
+    text = tmp_path / "small.txt"
+    text.write_bytes(b"x" * size)
+    assert message in main_error([*TINY_FLAGS, "--text-files", str(text),
+                                  "--export-dir", str(tmp_path / "lm")])
 
 
 def test_killed_run_resumes_from_its_last_epoch(tmp_path):
-    """SIGKILL after epoch 2 of 6; the same command then resumes at epoch 3
-    from BackupAndRestore, finishes, and removes the backup."""
+    """SIGKILL after epoch 2 of 3: the same command resumes at epoch 3 from
+    the backup; killed again after training, before the export, it trains
+    nothing, reports all epochs, exports and removes the backup. The
+    backup refuses a run with other model flags."""
     export_dir = tmp_path / "reformer_lm"
-    flags = ["--sequence-length", "32", "--num-layers", "1", "--hidden-dim",
-             "16", "--chunk-length", "16", "--batch-size", "4",
-             "--steps-per-epoch", "3", "--epochs", "6",
-             "--max-corpus-bytes", "20000", "--sample-length", "4",
-             "--no-jit-compile", "--export-dir", str(export_dir)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    first = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in first.stdout:
-        seen.append(line)
-        if line.startswith("==> epoch 2:"):
-            first.kill()  # SIGKILL: no clean-up runs
-            break
-    first.wait(timeout=60)
-    assert first.returncode == -9, "".join(seen)[-3000:]
     backup = tmp_path / "reformer_lm.backup"
-    assert backup.is_dir() and not (export_dir / "saved_model.pb").exists()
+    flags = [*TINY_FLAGS, "--epochs", "3", "--no-jit-compile",
+             "--export-dir", str(export_dir)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 
-    resumed = run_example(*flags)
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, output[-3000:]
-    epochs = [int(n) for n in re.findall(r"==> epoch (\d+):", output)]
-    assert epochs == [3, 4, 5, 6], output[-3000:]
+    def kill_at(prefix):
+        """Runs the example until a line starts with `prefix`, SIGKILLs it
+        there (no clean-up runs) and returns its output."""
+        run = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in run.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                run.kill()
+                break
+        run.wait(timeout=60)
+        assert run.returncode == -9, "".join(seen)[-3000:]
+        assert backup.is_dir() and not (export_dir / "saved_model.pb").exists()
+        return "".join(seen)
+
+    kill_at("==> epoch 2:")
+    message = main_error([*flags, "--hidden-dim", "32"])
+    assert f"the backup {backup} belongs to another configuration" in message
+    assert "--hidden-dim 16 there, 32 here" in message
+
+    output = kill_at("Trained in")
+    assert "resuming from epoch 3 of 3" in output, output[-3000:]
+    assert re.findall(r"==> epoch (\d+):", output) == ["3"]
+    bits = re.search(r"by epoch: (.*)", output).group(1)
+    assert len(bits.split(", ")) == 3, bits
+
+    finished = run_example(*flags)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-3000:]
+    assert "holds all 3 epochs: nothing left to train" in output
+    assert "==> epoch" not in output and f"by epoch: {bits}\n" in output
     assert not backup.exists()
     assert (export_dir / "saved_model.pb").is_file()
 
@@ -224,11 +300,8 @@ def test_multi_worker_strategy_trains_on_two_workers_and_the_chief_exports(
     for s in sockets:
         s.close()
     export_dir = tmp_path / "lm"
-    flags = ["--strategy", "multi_worker_mirrored", "--sequence-length", "32",
-             "--num-layers", "1", "--hidden-dim", "16", "--chunk-length",
-             "16", "--batch-size", "4", "--steps-per-epoch", "3", "--epochs",
-             "1", "--max-corpus-bytes", "20000", "--sample-length", "4",
-             "--export-dir", str(export_dir)]
+    flags = ["--strategy", "multi_worker_mirrored", *TINY_FLAGS, "--epochs",
+             "1", "--export-dir", str(export_dir)]
     workers = []
     try:
         for index in range(2):

@@ -1,9 +1,17 @@
 """Argument checks that name the argument, the value and what is allowed."""
 
+import numpy as np
+
+
+def _is_int(value):
+    """Whether `value` is a Python or NumPy integer (not a bool)."""
+    return (isinstance(value, (int, np.integer))
+            and not isinstance(value, bool))
+
 
 def check_positive_int(name, value):
-    """Raises ValueError unless `value` is an int >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """Raises ValueError unless `value` is an int (NumPy's included) >= 1."""
+    if not _is_int(value) or value < 1:
         raise ValueError(
             f"{name} must be a positive integer; received {name}={value!r}."
         )
@@ -20,8 +28,8 @@ def check_positive_int_pair(name, pair):
 
 
 def check_non_negative_int(name, value):
-    """Raises ValueError unless `value` is an int >= 0."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """Raises ValueError unless `value` is an int (NumPy's included) >= 0."""
+    if not _is_int(value) or value < 0:
         raise ValueError(
             f"{name} must be a non-negative integer; received {name}={value!r}."
         )
