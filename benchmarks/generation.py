@@ -36,8 +36,9 @@ def build(args, max_length):
         256, hidden_dim=args.hidden_dim, num_heads=4,
         head_dim=args.hidden_dim // 4, intermediate_dim=2 * args.hidden_dim,
         attention_types=args.attention.split(","),
-        axial_shape=(rows, max_length // rows), chunk_length=64,
-        num_hashes=2, seed=0)
+        axial_shape=(rows, max_length // rows), seed=0,
+        attention_options={"lsh": {"chunk_length": 64, "num_hashes": 2},
+                           "local": {"chunk_length": 64}})
     lm = ReformerCausalLM(backbone)
     lm.compile(sampler="greedy")
     return lm

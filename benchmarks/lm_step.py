@@ -40,15 +40,17 @@ from isolated import run_single
 CONFIGURATIONS = {
     "reformer_pytorch": dict(
         hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
-        attention_types=["lsh"] * 12, num_hashes=4),
+        attention_types=["lsh"] * 12,
+        attention_options={"lsh": {"num_hashes": 4}}),
     "enwik8": dict(
         hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
         attention_types=["local", "local", "lsh", "local"] * 3,
-        num_hashes=4),
+        attention_options={"lsh": {"num_hashes": 4}}),
     "crime_and_punishment": dict(
         hidden_dim=256, intermediate_dim=512, num_heads=2, head_dim=64,
-        attention_types=["local", "lsh"] * 3, num_hashes=1,
-        num_buckets=(64, 128), axial_shape=(512, 1024), axial_dims=(64, 192),
+        attention_types=["local", "lsh"] * 3,
+        attention_options={"lsh": {"num_hashes": 1, "num_buckets": (64, 128)}},
+        axial_shape=(512, 1024), axial_dims=(64, 192),
         vocabulary_size=320),
 }
 
@@ -58,14 +60,17 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-# Command-line flags for the backbone's memory options (0: off).
+# Command-line flags for the attention layers' memory options (0: off):
+# flag -> (attention type, option, help).
 MEMORY_OPTIONS = {
-    "lsh_parallel_heads": "LSH heads at a time, recomputed in the backward "
-    "pass (0: all at once)",
-    "lsh_segments": "runs of sorted chunks each LSH layer attends one after "
-    "another, recomputed in the backward pass (0: all at once)",
-    "local_segments": "runs of chunks each local attention layer attends "
-    "one after another, recomputed in the backward pass (0: all at once)",
+    "lsh_parallel_heads": ("lsh", "parallel_heads", "LSH heads at a time, "
+                           "recomputed in the backward pass (0: all at once)"),
+    "lsh_segments": ("lsh", "segments", "runs of sorted chunks each LSH "
+                     "layer attends one after another, recomputed in the "
+                     "backward pass (0: all at once)"),
+    "local_segments": ("local", "segments", "runs of chunks each local "
+                       "attention layer attends one after another, "
+                       "recomputed in the backward pass (0: all at once)"),
 }
 
 
@@ -81,11 +86,15 @@ def measure(name, length, repeats, layers, memory_options, plan=False):
         config["attention_types"] = config["attention_types"][:layers]
     config.setdefault("axial_shape", axial_shape_for(length))
     config.setdefault("vocabulary_size", 256)
+    options = {"lsh": {"chunk_length": 64}, "local": {"chunk_length": 64}}
+    for kind, extra in config.pop("attention_options", {}).items():
+        options[kind].update(extra)
+    for flag, value in memory_options.items():
+        kind, option, _ = MEMORY_OPTIONS[flag]
+        options[kind][option] = value or None
     backbone = ReformerBackbone(
-        chunk_length=64, causal=True,
-        feed_forward_chunk_length=64, seed=0,
-        **{key: value or None for key, value in memory_options.items()},
-        **config)
+        causal=True, feed_forward_chunk_length=64, seed=0,
+        attention_options=options, **config)
     lm = ReformerCausalLM(backbone)
     if plan:
         return {"planned_mib": planned_mib(lm, length),
@@ -138,8 +147,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=0,
                         help="keep only the first N layers (smoke tests)")
-    for option, text in MEMORY_OPTIONS.items():
-        parser.add_argument("--" + option.replace("_", "-"), type=int,
+    for flag, (_, _, text) in MEMORY_OPTIONS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=int,
                             default=0, help=text)
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "

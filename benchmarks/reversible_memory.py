@@ -80,9 +80,10 @@ def causal_lm_temp_bytes(depth, args):
         head_dim=args.hidden // args.heads, intermediate_dim=4 * args.hidden,
         attention_types=["lsh"] * depth,
         axial_shape=(args.chunk, args.length // args.chunk),
-        chunk_length=args.chunk, num_hashes=args.hashes,
-        num_buckets=2 * args.length // args.chunk,
-        feed_forward_chunk_length=args.chunk, seed=0)
+        feed_forward_chunk_length=args.chunk, seed=0,
+        attention_options={"lsh": {
+            "chunk_length": args.chunk, "num_hashes": args.hashes,
+            "num_buckets": 2 * args.length // args.chunk}})
     return lm_gradient_memory(ReformerCausalLM(backbone),
                               args.length).temp_size_in_bytes
 

@@ -67,8 +67,11 @@ def build_model(args, attention, num_hashes):
         intermediate_dim=2 * args.hidden_dim,
         attention_types=[attention],
         axial_shape=(rows, args.axial_columns),
-        chunk_length=args.chunk_length, num_hashes=num_hashes,
-        num_buckets=args.num_buckets, causal=True, seed=args.seed)
+        causal=True, seed=args.seed, attention_options={
+            "lsh": {"chunk_length": args.chunk_length,
+                    "num_hashes": num_hashes,
+                    "num_buckets": args.num_buckets},
+            "local": {"chunk_length": args.chunk_length}})
     model = ReformerCausalLM(backbone)
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),

@@ -39,13 +39,16 @@ from keras_reformer import multi_worker_training
 from keras_reformer import text_data
 from keras_reformer.export import export_for_serving
 from keras_reformer.export import save_keras_model
+from keras_reformer.layers import attention_type
+from keras_reformer.layers import attention_type_names
 from keras_reformer.layers import hashing
 from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
-from keras_reformer.models.reformer_backbone import ATTENTION_TYPES
 
-CAUSAL_ATTENTION_TYPES = tuple(t for t in ATTENTION_TYPES if t != "linformer")
+CAUSAL_ATTENTION_TYPES = tuple(
+    name for name in attention_type_names()
+    if attention_type(name)[0].supports_causal)
 PROMPT_LENGTH = 64
 # Each hash round adds a full attention pass; the paper uses at most 8.
 MAX_NUM_HASHES = 64
@@ -272,10 +275,12 @@ def build_model(args):
         head_dim=args.hidden_dim // args.num_heads,
         intermediate_dim=2 * args.hidden_dim,
         attention_types=args.attention_types,
+        attention_options={
+            "lsh": {"chunk_length": chunk, "num_hashes": args.num_hashes,
+                    "num_buckets": hashing.auto_num_buckets(padded_length,
+                                                            chunk)},
+            "local": {"chunk_length": chunk}},
         axial_shape=axial_shape_for(length),
-        chunk_length=chunk,
-        num_hashes=args.num_hashes,
-        num_buckets=hashing.auto_num_buckets(padded_length, chunk),
         feed_forward_chunk_length=chunk,
         causal=True,
         seed=args.seed)

@@ -70,7 +70,8 @@ def export_for_serving(model, path, verbose=False):
     >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
     >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
     ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
-    ...     axial_shape=(8, 8), chunk_length=16))
+    ...     axial_shape=(8, 8),
+    ...     attention_options={"lsh": {"chunk_length": 16}}))
     >>> path = export_for_serving(lm, "saved_models/reformer_lm")
     >>> served = tf.saved_model.load("saved_models/reformer_lm")
     >>> served.signatures["serving_default"](
@@ -192,7 +193,8 @@ def save_keras_model(model, path):
     >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
     >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
     ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
-    ...     axial_shape=(8, 8), chunk_length=16))
+    ...     axial_shape=(8, 8),
+    ...     attention_options={"lsh": {"chunk_length": 16}}))
     >>> path = save_keras_model(lm, "saved_models/reformer_lm.keras")
     >>> keras.saving.load_model(path).count_params() == lm.count_params()
     True

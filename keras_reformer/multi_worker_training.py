@@ -87,7 +87,8 @@ class StrategyTrainer:
     >>> with strategy.scope():
     ...     lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
     ...         hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
-    ...         axial_shape=(4, 4), chunk_length=8))
+    ...         axial_shape=(4, 4),
+    ...         attention_options={"lsh": {"chunk_length": 8}}))
     ...     trainer = StrategyTrainer(lm, keras.optimizers.Adam(1e-3),
     ...                               strategy)
     >>> history = trainer.fit(data, epochs=2, steps_per_epoch=3,

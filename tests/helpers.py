@@ -60,8 +60,9 @@ def tiny_backbone():
     keras.utils.set_random_seed(1)
     return ReformerBackbone(
         50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
-        attention_types=["lsh", "local"], axial_shape=(8, 8),
-        chunk_length=16, num_hashes=2, seed=1)
+        attention_types=["lsh", "local"], axial_shape=(8, 8), seed=1,
+        attention_options={"lsh": {"chunk_length": 16, "num_hashes": 2},
+                           "local": {"chunk_length": 16}})
 
 ids = np.random.RandomState(0).randint(1, 50, (8, 65)).astype("int32")
 x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((8, 64), "int32")}

@@ -121,8 +121,9 @@ def test_tpu_style_compiled_steps_under_a_strategy_scope():
     with strategy.scope():
         model = ReformerCausalLM(ReformerBackbone(
             50, hidden_dim=16, num_heads=2, head_dim=8, intermediate_dim=32,
-            attention_types=["lsh", "local"], axial_shape=(8, 8),
-            chunk_length=16, num_hashes=2, seed=1))
+            attention_types=["lsh", "local"], axial_shape=(8, 8), seed=1,
+            attention_options={"lsh": {"chunk_length": 16, "num_hashes": 2},
+                               "local": {"chunk_length": 16}}))
         model.compile(optimizer="adam",
                       loss=keras.losses.SparseCategoricalCrossentropy(
                           from_logits=True),

@@ -87,8 +87,9 @@ def tiny_lm(seed):
     return ReformerCausalLM(ReformerBackbone(
         vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=32, attention_types=["lsh", "full"],
-        axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
-        feed_forward_chunk_length=16, seed=seed))
+        axial_shape=(8, 8), feed_forward_chunk_length=16, seed=seed,
+        attention_options={"lsh": {"chunk_length": 16, "num_hashes": 2,
+                                   "num_buckets": 4}}))
 
 
 def tiny_classifier(seed):
@@ -96,7 +97,8 @@ def tiny_classifier(seed):
     return ReformerClassifier(ReformerBackbone(
         vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=32, attention_types=["local"], axial_shape=(8, 8),
-        chunk_length=16, causal=False, num_chunks_after=1, seed=seed),
+        causal=False, seed=seed, attention_options={
+            "local": {"chunk_length": 16, "num_chunks_after": 1}}),
         num_classes=3)
 
 
@@ -286,9 +288,12 @@ def test_every_attention_mix_exports(tmp_path, attention_types, causal):
     backbone = ReformerBackbone(
         vocabulary_size=VOCABULARY, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=32, attention_types=attention_types,
-        axial_shape=(8, 8), chunk_length=16, num_hashes=2, num_buckets=4,
-        causal=causal, num_chunks_after=0 if causal else 1,
-        projected_length=16, seed=3)
+        axial_shape=(8, 8), causal=causal, seed=3, attention_options={
+            "lsh": {"chunk_length": 16, "num_hashes": 2, "num_buckets": 4,
+                    "num_chunks_after": 0 if causal else 1},
+            "local": {"chunk_length": 16,
+                      "num_chunks_after": 0 if causal else 1},
+            "linformer": {"projected_length": 16}})
     model = ReformerCausalLM(backbone) if causal else ReformerClassifier(
         backbone, num_classes=3)
     path = export.export_for_serving(model, str(tmp_path / "model"))

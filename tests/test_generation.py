@@ -84,8 +84,10 @@ def causal_lm(attention_types, vocabulary=40, **kwargs):
     backbone = ReformerBackbone(
         vocabulary, hidden_dim=16, num_heads=2, head_dim=8,
         intermediate_dim=24, attention_types=attention_types,
-        axial_shape=(8, 8), chunk_length=4, num_hashes=2, num_buckets=4,
-        feed_forward_chunk_length=3, seed=1, **kwargs)
+        axial_shape=(8, 8), feed_forward_chunk_length=3, seed=1,
+        attention_options={"lsh": {"chunk_length": 4, "num_hashes": 2,
+                                   "num_buckets": 4},
+                           "local": {"chunk_length": 4}}, **kwargs)
     return ReformerCausalLM(backbone)
 
 

@@ -22,8 +22,10 @@ def encoder(attention_types=("lsh", "local"), hidden_dim=32, length=64):
         vocabulary_size=VOCABULARY, hidden_dim=hidden_dim, num_heads=2,
         head_dim=hidden_dim // 2, intermediate_dim=2 * hidden_dim,
         attention_types=attention_types, axial_shape=(8, length // 8),
-        chunk_length=16, num_hashes=2, causal=False, num_chunks_after=1,
-        seed=1)
+        causal=False, seed=1, attention_options={
+            "lsh": {"chunk_length": 16, "num_hashes": 2,
+                    "num_chunks_after": 1},
+            "local": {"chunk_length": 16, "num_chunks_after": 1}})
 
 
 def inputs(positions, length=64, seed=0):

@@ -21,8 +21,9 @@ def language_model(policy, chunk_length=16):
         return ReformerCausalLM(ReformerBackbone(
             50, hidden_dim=32, num_heads=2, head_dim=8, intermediate_dim=48,
             attention_types=["lsh", "local", "full"], axial_shape=(8, 8),
-            chunk_length=chunk_length, local_chunk_length=16, num_hashes=2,
-            seed=1))
+            seed=1, attention_options={
+                "lsh": {"chunk_length": chunk_length, "num_hashes": 2},
+                "local": {"chunk_length": 16}}))
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
 

@@ -15,12 +15,22 @@ LENGTH = 64
 
 
 def backbone(causal=True, attention_types=("lsh", "full"), chunk_length=16,
-             axial_shape=(8, 8), **kwargs):
+             axial_shape=(8, 8), attention_options=None, **kwargs):
+    """A small backbone: LSH and local chunks of `chunk_length`, two hash
+    rounds, one chunk ahead when bidirectional; `attention_options` adds
+    to those."""
+    after = 0 if causal else 1
+    options = {"lsh": {"chunk_length": chunk_length, "num_hashes": 2,
+                       "num_chunks_after": after},
+               "local": {"chunk_length": chunk_length,
+                         "num_chunks_after": after}}
+    for kind, extra in (attention_options or {}).items():
+        options[kind] = {**options.get(kind, {}), **extra} if isinstance(
+            extra, dict) else extra
     return ReformerBackbone(
         vocabulary_size=50, hidden_dim=32, num_heads=2, head_dim=8,
         intermediate_dim=48, attention_types=attention_types,
-        axial_shape=axial_shape, chunk_length=chunk_length, num_hashes=2,
-        causal=causal, num_chunks_after=0 if causal else 1,
+        attention_options=options, axial_shape=axial_shape, causal=causal,
         feed_forward_chunk_length=16, seed=1, **kwargs)
 
 
@@ -123,14 +133,15 @@ def test_training_flag_reaches_the_layers_inside(model_class):
 
 
 def test_lsh_one_head_at_a_time_trains_like_all_heads_under_xla():
-    """`lsh_parallel_heads=1` (loops with recomputed gradients inside the
+    """LSH `parallel_heads=1` (loops with recomputed gradients inside the
     reversible stack) gives the same training under XLA, with several steps
     per execution, as all heads at once."""
     x, y = batch(8)
     models = []
     for parallel_heads in (None, 1):
-        lm = ReformerCausalLM(backbone(attention_types=("lsh", "lsh"),
-                                       lsh_parallel_heads=parallel_heads))
+        lm = ReformerCausalLM(backbone(
+            attention_types=("lsh", "lsh"),
+            attention_options={"lsh": {"parallel_heads": parallel_heads}}))
         lm.compile(optimizer=keras.optimizers.SGD(0.5),
                    loss=keras.losses.SparseCategoricalCrossentropy(
                        from_logits=True),
@@ -165,7 +176,7 @@ def test_full_shared_qk_layers_take_lsh_weights_and_match_one_chunk():
 
 
 def test_lm_keras_file_round_trip(tmp_path):
-    lm = compiled_lm(False, lsh_parallel_heads=1)
+    lm = compiled_lm(False, attention_options={"lsh": {"parallel_heads": 1}})
     x, y = batch(2)
     lm.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "lm.keras")
@@ -206,16 +217,26 @@ def test_classifier_ignores_padding_and_round_trips(tmp_path,
     ({"attention_types": ()}, "attention_types"),
     ({"axial_dims": (10, 10)}, "axial_dims"),
     ({"attention_types": ("linformer",)}, "causal"),
-    ({"attention_types": ("local",), "linformer_sharing": "x"},
-     "linformer_sharing"),
+    ({"attention_types": ("linformer",), "causal": False,
+      "attention_options": {"linformer": {"sharing": "x"}}}, "sharing='x'"),
+    ({"attention_options": {"lhs": {}}}, "Unknown attention type 'lhs'"),
+    ({"attention_options": {"lsh": {"num_hashs": 2}}},
+     r"attention_options\['lsh'\].*does not fit LSHSelfAttention"),
+    ({"attention_options": {"lsh": {"causal": False}}},
+     r"attention_options\['lsh'\] sets \['causal'\]"),
+    ({"attention_options": {"lsh": 4}}, "must be a dict of arguments"),
     ({"axial_shape": (64,)}, r"axial_shape must be a pair"),
     ({"axial_shape": (8, 0)}, r"axial_shape must be a positive integer"),
     ({"chunk_length": 0}, r"chunk_length must be a positive integer"),
-    ({"local_chunk_length": 0}, r"local_chunk_length must be a positive"),
-    ({"num_buckets": 0}, r"num_buckets must be None, an even integer"),
+    ({"attention_types": ("local",),
+      "attention_options": {"local": {"chunk_length": 0}}},
+     r"chunk_length must be a positive integer; received chunk_length=0"),
+    ({"attention_options": {"lsh": {"num_buckets": 0}}},
+     r"num_buckets must be None, an even integer"),
     ({"layer_norm_epsilon": -1.0}, r"layer_norm_epsilon must be a non-neg"),
     ({"attention_types": ("linformer",), "causal": False,
-      "projected_length": 0}, r"projected_length must be a positive"),
+      "attention_options": {"linformer": {"projected_length": 0}}},
+     r"projected_length must be a positive"),
 ])
 def test_bad_backbone_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -232,7 +253,8 @@ def test_task_models_check_causality():
 def test_layerwise_linformer_shares_one_projection(tmp_path):
     classifier = ReformerClassifier(
         backbone(causal=False, attention_types=("linformer",) * 3,
-                 linformer_sharing="layerwise", projected_length=16),
+                 attention_options={"linformer": {"sharing": "layerwise",
+                                                  "projected_length": 16}}),
         num_classes=2)
     projections = [w for w in classifier.weights
                    if "linformer_projection" in w.path]
@@ -250,8 +272,7 @@ def test_layerwise_linformer_shares_one_projection(tmp_path):
     assert_close(loaded.predict(x, verbose=0),
                  classifier.predict(x, verbose=0), atol=0)
     # Still one matrix after loading: changing it changes every layer.
-    stack = loaded.backbone.get_layer("reversible_stack")
-    attentions = [block.f.layer for block in stack.blocks]
+    attentions = loaded.backbone.attention_layers
     assert all(a.key_projection is attentions[0].key_projection
                for a in attentions)
 

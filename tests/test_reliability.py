@@ -27,8 +27,9 @@ from keras_reformer.models import ReformerCausalLM
 from keras_reformer.text_data import byte_preprocessor
 
 SMALL = dict(vocabulary_size=50, hidden_dim=16, num_heads=2, head_dim=8,
-             intermediate_dim=32, axial_shape=(8, 8), chunk_length=16,
-             num_hashes=2, seed=1)
+             intermediate_dim=32, axial_shape=(8, 8), seed=1,
+             attention_options={"lsh": {"chunk_length": 16, "num_hashes": 2},
+                                "local": {"chunk_length": 16}})
 
 
 def backbone(**overrides):
@@ -124,9 +125,11 @@ CONFIGURATION_CASES = {
     "backbone causal linformer": (
         lambda: backbone(attention_types=["linformer"]), "cannot be causal"),
     "backbone linformer sharing": (
-        lambda: backbone(linformer_sharing="all"), "linformer_sharing"),
+        lambda: backbone(attention_types=["linformer"], causal=False,
+                         attention_options={"linformer": {"sharing": "all"}}),
+        "sharing='all'"),
     "language model on an encoder": (
-        lambda: ReformerCausalLM(backbone(causal=False, num_chunks_after=1)),
+        lambda: ReformerCausalLM(backbone(causal=False)),
         "causal"),
     "classifier on a decoder": (
         lambda: ReformerClassifier(backbone(), num_classes=2), "causal"),

@@ -71,18 +71,26 @@ def backbone_arguments(config):
         problems.append(f"hidden_act={config.hidden_act!r}")
     if config.num_buckets is None and "lsh" in config.attn_layers:
         problems.append("num_buckets=None (run the model once or set it)")
-    if "local" in config.attn_layers and "lsh" in config.attn_layers and (
-            config.lsh_num_chunks_before, config.lsh_num_chunks_after) != (
-            config.local_num_chunks_before, config.local_num_chunks_after):
-        problems.append("different chunk neighbourhoods for LSH and local "
-                        "attention")
     if problems:
         raise ValueError("Cannot convert this ReformerConfig: "
                          + "; ".join(problems) + ".")
-    uses_lsh = "lsh" in config.attn_layers
     num_buckets = config.num_buckets
     if isinstance(num_buckets, (list, tuple)) and len(num_buckets) == 1:
         num_buckets = num_buckets[0]
+    options = {
+        "lsh": {
+            "chunk_length": config.lsh_attn_chunk_length,
+            "num_hashes": config.num_hashes,
+            "num_buckets": num_buckets,
+            "num_chunks_before": config.lsh_num_chunks_before,
+            "num_chunks_after": config.lsh_num_chunks_after,
+        },
+        "local": {
+            "chunk_length": config.local_attn_chunk_length,
+            "num_chunks_before": config.local_num_chunks_before,
+            "num_chunks_after": config.local_num_chunks_after,
+        },
+    }
     return {
         "vocabulary_size": config.vocab_size,
         "hidden_dim": config.hidden_size,
@@ -90,17 +98,11 @@ def backbone_arguments(config):
         "head_dim": config.attention_head_size,
         "intermediate_dim": config.feed_forward_size,
         "attention_types": list(config.attn_layers),
+        "attention_options": {kind: options[kind]
+                              for kind in dict.fromkeys(config.attn_layers)},
         "axial_shape": tuple(config.axial_pos_shape),
         "axial_dims": tuple(config.axial_pos_embds_dim),
         "causal": bool(config.is_decoder),
-        "chunk_length": config.lsh_attn_chunk_length,
-        "local_chunk_length": config.local_attn_chunk_length,
-        "num_hashes": config.num_hashes,
-        "num_buckets": num_buckets,
-        "num_chunks_before": (config.lsh_num_chunks_before if uses_lsh
-                              else config.local_num_chunks_before),
-        "num_chunks_after": (config.lsh_num_chunks_after if uses_lsh
-                             else config.local_num_chunks_after),
         "feed_forward_chunk_length": config.chunk_size_feed_forward or 64,
         "activation": _ACTIVATIONS[config.hidden_act],
         "layer_norm_epsilon": config.layer_norm_eps,
@@ -141,16 +143,15 @@ def _load_weights(lm, weights, config):
         return weights.pop(name)
 
     prefix = "reformer.embeddings."
-    backbone.get_layer("token_embedding").embeddings.assign(
+    backbone.token_embedding.embeddings.assign(
         take(prefix + "word_embeddings.weight"))
-    position = backbone.get_layer("position_embedding")
+    position = backbone.position_embedding
     position.row_embeddings.assign(
         take(prefix + "position_embeddings.weights.0")[:, 0, :])
     position.column_embeddings.assign(
         take(prefix + "position_embeddings.weights.1")[0])
 
-    blocks = backbone.get_layer("reversible_stack").blocks
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(backbone.reversible_stack.blocks):
         prefix = f"reformer.encoder.layers.{i}."
         _assign_norm(block.f.norm, take, prefix + "attention.layer_norm")
         attention = block.f.layer
@@ -182,9 +183,8 @@ def _load_weights(lm, weights, config):
             take(source + "output.dense.weight").T)
         feed_forward.output_bias.assign(take(source + "output.dense.bias"))
 
-    _assign_norm(backbone.get_layer("final_norm"), take,
-                 "reformer.encoder.layer_norm")
-    head = lm.get_layer("lm_head")
+    _assign_norm(backbone.final_norm, take, "reformer.encoder.layer_norm")
+    head = lm.lm_head
     head.kernel.assign(take("lm_head.decoder.weight").T)
     head.bias.assign(take("lm_head.bias"))
     # The decoder's bias is the same tensor as lm_head.bias.

@@ -1,12 +1,16 @@
 """keras_reformer layers."""
 
+from keras_reformer.layers.attention_layer import AttentionLayer
+from keras_reformer.layers.attention_registry import attention_type
+from keras_reformer.layers.attention_registry import attention_type_names
+from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.full_self_attention import FullSelfAttention
 from keras_reformer.layers.layer_norm import LeanLayerNormalization
+from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
+from keras_reformer.layers.local_self_attention import LocalSelfAttention
 from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
-from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
-from keras_reformer.layers.local_self_attention import LocalSelfAttention

@@ -20,7 +20,9 @@ class AttentionLayer(keras.layers.Layer):
       and `decode_step(inputs, cache, index)`, reached through
       `call_with_cache`.
 
-    It may override `from_backbone`, which builds the layer from a
+    It sets the class attribute `supports_causal` to False if it cannot be
+    causal (and then rejects `causal=True`), and may override
+    `from_backbone`, which builds the layer from a
     backbone's settings and the layer's entry of `attention_options`.
     Register a subclass under a name with
     `keras_reformer.layers.register_attention` to use it in
@@ -30,6 +32,8 @@ class AttentionLayer(keras.layers.Layer):
         causal: bool, a token never attends to later tokens.
         **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`).
     """
+
+    supports_causal = True
 
     def __init__(self, causal=False, **kwargs):
         super().__init__(**kwargs)

@@ -19,12 +19,11 @@ def register_attention(name, **defaults):
 
     Example:
     >>> from keras_reformer.layers import FullSelfAttention
-    >>> @register_attention("full_with_dropout", dropout_rate_note=None)
-    ... class Noted(FullSelfAttention):
-    ...     def __init__(self, *args, dropout_rate_note=None, **kwargs):
-    ...         super().__init__(*args, **kwargs)
-    >>> "full_with_dropout" in attention_type_names()
-    True
+    >>> @register_attention("my_full")
+    ... class MyFullAttention(FullSelfAttention):
+    ...     pass
+    >>> attention_type("my_full")[0].__name__
+    'MyFullAttention'
     """
     if not isinstance(name, str) or not name:
         raise ValueError(
@@ -48,15 +47,20 @@ def register_attention(name, **defaults):
     return register
 
 
-def attention_type(name):
+def attention_type(name, argument="name"):
     """`(class, default options)` of the attention type `name`.
+
+    Args:
+        name: str, a registered name.
+        argument: str, where `name` came from, for the error message.
 
     Raises:
         ValueError: `name` is not registered; says which names are.
     """
-    if name not in _ATTENTION_TYPES:
+    if not isinstance(name, str) or name not in _ATTENTION_TYPES:
         raise ValueError(
-            f"Unknown attention type {name!r}; registered types are "
+            f"Unknown attention type {name!r} in {argument}; registered "
+            f"types are "
             f"{attention_type_names()} (register your own with "
             "keras_reformer.layers.register_attention).")
     return _ATTENTION_TYPES[name]

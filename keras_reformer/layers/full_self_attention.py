@@ -3,11 +3,14 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.key_value_attention import KeyValueAttention
 
 
+@register_attention("full_shared_qk", shared_qk=True)
+@register_attention("full")
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class FullSelfAttention(KeyValueAttention):
     """Exact multi-head self-attention, quadratic in the length.
@@ -36,9 +39,9 @@ class FullSelfAttention(KeyValueAttention):
                  dropout=0.0, seed=None, kernel_initializer="glorot_uniform",
                  **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=shared_qk,
-                         dropout=dropout, kernel_initializer=kernel_initializer,
-                         seed=seed, **kwargs)
-        self.causal = causal
+                         causal=causal, dropout=dropout,
+                         kernel_initializer=kernel_initializer, seed=seed,
+                         **kwargs)
 
     def _decode_positions(self, index, capacity):
         """Every cached position (later ones are masked)."""
@@ -60,5 +63,5 @@ class FullSelfAttention(KeyValueAttention):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"causal": self.causal, "shared_qk": self.shared_qk})
+        config.update({"shared_qk": self.shared_qk})
         return config

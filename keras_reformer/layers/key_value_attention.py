@@ -6,9 +6,9 @@ from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
-from keras_reformer.layers.self_attention_base import prefix_mask
+from keras_reformer.layers.masks import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
-from keras_reformer.layers.self_attention_base import zero_padding
+from keras_reformer.layers.masks import zero_padding
 
 
 class KeyValueAttention(SelfAttentionBase):

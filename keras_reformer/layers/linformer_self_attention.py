@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.seeds import draw_seed
@@ -11,6 +12,7 @@ from keras_reformer.layers.validation import check_positive_int
 SHARING_MODES = ("none", "headwise", "key_value", "layerwise")
 
 
+@register_attention("linformer")
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class LinformerSelfAttention(SelfAttentionBase):
     """Low-rank self-attention (Wang et al. 2020), linear in the length.
@@ -28,7 +30,8 @@ class LinformerSelfAttention(SelfAttentionBase):
     for keys and values of all heads; "layerwise", that one matrix shared by
     several layers: pass the same `LinformerProjection` as
     `shared_projection` to each (`ReformerBackbone` does this with
-    `linformer_sharing="layerwise"`; without one the layer owns its matrix).
+    `attention_options={"linformer": {"sharing": "layerwise"}}`; without
+    one the layer owns its matrix).
 
     Args:
         num_heads: int, number of attention heads.
@@ -51,12 +54,15 @@ class LinformerSelfAttention(SelfAttentionBase):
     (1, 100, 24)
     """
 
+    supports_causal = False
+
     def __init__(self, num_heads, head_dim, max_length, projected_length,
                  sharing="none", causal=False, dropout=0.0, seed=None,
                  shared_projection=None,
                  kernel_initializer="glorot_uniform",
                  projection_initializer="glorot_uniform", **kwargs):
-        super().__init__(num_heads, head_dim, shared_qk=False, dropout=dropout,
+        super().__init__(num_heads, head_dim, shared_qk=False, causal=causal,
+                         dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
         check_positive_int("max_length", max_length)
@@ -87,13 +93,31 @@ class LinformerSelfAttention(SelfAttentionBase):
         self.max_length = max_length
         self.projected_length = projected_length
         self.sharing = sharing
-        self.causal = causal
         self.projection_initializer = keras.initializers.get(
             projection_initializer)
         # With sharing "key_value" or "layerwise" keys and values use
         # key_projection (shared with other layers when given).
         self.key_projection = shared_projection
         self.value_projection = None
+
+    @classmethod
+    def from_backbone(cls, *, max_length, shared, projected_length=None,
+                      sharing="none", **kwargs):
+        """`AttentionLayer.from_backbone`: `max_length` is the backbone's,
+        `projected_length=None` is `min(256, max_length)`, and with
+        `sharing="layerwise"` every such layer of the backbone shares one
+        projection."""
+        if projected_length is None:
+            projected_length = min(256, max_length)
+        if sharing == "layerwise" and "linformer_projection" not in shared:
+            check_positive_int("projected_length", projected_length)
+            shared["linformer_projection"] = LinformerProjection(
+                projected_length, max_length, dtype=kwargs.get("dtype"),
+                name="linformer_projection")
+        return cls(max_length=max_length, projected_length=projected_length,
+                   sharing=sharing,
+                   shared_projection=shared.get("linformer_projection"),
+                   **kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -102,11 +126,13 @@ class LinformerSelfAttention(SelfAttentionBase):
         if self.key_projection is None:
             self.key_projection = LinformerProjection(
                 self.projected_length, self.max_length, heads,
-                self.projection_initializer, name="key_projection")
+                self.projection_initializer, dtype=self.dtype_policy,
+                name="key_projection")
         if self.sharing in ("none", "headwise"):
             self.value_projection = LinformerProjection(
                 self.projected_length, self.max_length, heads,
-                self.projection_initializer, name="value_projection")
+                self.projection_initializer, dtype=self.dtype_policy,
+                name="value_projection")
         for projection in (self.key_projection, self.value_projection):
             if projection is not None and not projection.built:
                 projection.build(None)
@@ -141,7 +167,6 @@ class LinformerSelfAttention(SelfAttentionBase):
             "max_length": self.max_length,
             "projected_length": self.projected_length,
             "sharing": self.sharing,
-            "causal": self.causal,
             "projection_initializer": keras.initializers.serialize(
                 self.projection_initializer),
         })

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import look_adjacent
@@ -10,12 +11,13 @@ from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.key_value_attention import KeyValueAttention
 from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.seeds import offset_seed
-from keras_reformer.layers.self_attention_base import pad_to_multiple
-from keras_reformer.layers.self_attention_base import zero_padding
+from keras_reformer.layers.masks import pad_to_multiple
+from keras_reformer.layers.masks import zero_padding
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
 
 
+@register_attention("local")
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class LocalSelfAttention(KeyValueAttention):
     """Attention within chunks of consecutive positions and their neighbours.
@@ -56,7 +58,8 @@ class LocalSelfAttention(KeyValueAttention):
                  num_chunks_before=1, num_chunks_after=0, causal=False,
                  dropout=0.0, seed=None, segments=None,
                  kernel_initializer="glorot_uniform", **kwargs):
-        super().__init__(num_heads, head_dim, shared_qk=False, dropout=dropout,
+        super().__init__(num_heads, head_dim, shared_qk=False, causal=causal,
+                         dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
         check_positive_int("chunk_length", chunk_length)
@@ -66,7 +69,6 @@ class LocalSelfAttention(KeyValueAttention):
         self.chunk_length = chunk_length
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
-        self.causal = causal
         self.segments = segments
 
     def _decode_positions(self, index, capacity):
@@ -201,7 +203,6 @@ class LocalSelfAttention(KeyValueAttention):
             "chunk_length": self.chunk_length,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
-            "causal": self.causal,
             "segments": self.segments,
         })
         return config

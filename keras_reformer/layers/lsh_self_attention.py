@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers import hashing
+from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
@@ -14,10 +15,10 @@ from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
-from keras_reformer.layers.self_attention_base import pad_to_multiple
-from keras_reformer.layers.self_attention_base import prefix_mask
+from keras_reformer.layers.masks import pad_to_multiple
+from keras_reformer.layers.masks import prefix_mask
 from keras_reformer.layers.self_attention_base import shared_qk_keys
-from keras_reformer.layers.self_attention_base import zero_padding
+from keras_reformer.layers.masks import zero_padding
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
 from keras_reformer.layers.seeds import offset_seed
@@ -25,7 +26,10 @@ from keras_reformer.layers.seeds import random_normal
 from keras_reformer.layers.validation import check_chunk_window
 from keras_reformer.layers.validation import check_positive_int
 
+DEFAULT_CHUNK_LENGTH = 64
 
+
+@register_attention("lsh")
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class LSHSelfAttention(SelfAttentionBase):
     """Locality-sensitive-hashing self-attention with shared queries and keys.
@@ -78,12 +82,14 @@ class LSHSelfAttention(SelfAttentionBase):
     (1, 32, 24)
     """
 
-    def __init__(self, num_heads, head_dim, chunk_length=64, num_hashes=4,
+    def __init__(self, num_heads, head_dim, chunk_length=DEFAULT_CHUNK_LENGTH,
+                 num_hashes=4,
                  num_buckets=None, causal=False, num_chunks_before=1,
                  num_chunks_after=0, dropout=0.0, seed=None,
                  parallel_heads=None, segments=None,
                  kernel_initializer="glorot_uniform", **kwargs):
-        super().__init__(num_heads, head_dim, shared_qk=True, dropout=dropout,
+        super().__init__(num_heads, head_dim, shared_qk=True, causal=causal,
+                         dropout=dropout,
                          kernel_initializer=kernel_initializer, seed=seed,
                          **kwargs)
         check_positive_int("chunk_length", chunk_length)
@@ -104,9 +110,20 @@ class LSHSelfAttention(SelfAttentionBase):
         self.chunk_length = chunk_length
         self.num_hashes = num_hashes
         self.num_buckets = num_buckets
-        self.causal = causal
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
+
+    @classmethod
+    def from_backbone(cls, *, max_length, **kwargs):
+        """`AttentionLayer.from_backbone`; `num_buckets=None` becomes the
+        default for the backbone's `max_length` (its inputs' length is
+        unknown when the layer is built)."""
+        if kwargs.get("num_buckets") is None:
+            chunk_length = kwargs.get("chunk_length", DEFAULT_CHUNK_LENGTH)
+            check_positive_int("chunk_length", chunk_length)
+            kwargs["num_buckets"] = hashing.auto_num_buckets(
+                -(-max_length // chunk_length) * chunk_length, chunk_length)
+        return super().from_backbone(max_length=max_length, **kwargs)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -494,7 +511,6 @@ class LSHSelfAttention(SelfAttentionBase):
             "chunk_length": self.chunk_length,
             "num_hashes": self.num_hashes,
             "num_buckets": self.num_buckets,
-            "causal": self.causal,
             "num_chunks_before": self.num_chunks_before,
             "num_chunks_after": self.num_chunks_after,
             "parallel_heads": self.parallel_heads,

@@ -31,7 +31,8 @@ class PreNormBranch(keras.layers.Layer):
         super().__init__(**kwargs)
         self.layer = layer
         self.epsilon = epsilon
-        self.norm = LeanLayerNormalization(epsilon=epsilon, name="norm")
+        self.norm = LeanLayerNormalization(
+            epsilon=epsilon, dtype=self.dtype_policy, name="norm")
         parameters = inspect.signature(layer.call).parameters
         self._takes_padding_mask = "padding_mask" in parameters
         self._takes_mask = "mask" in parameters

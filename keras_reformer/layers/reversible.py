@@ -17,7 +17,7 @@ from keras_reformer.layers.custom_gradient import value_and_vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
-from keras_reformer.layers.self_attention_base import padding_mask_or_ones
+from keras_reformer.layers.masks import padding_mask_or_ones
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")

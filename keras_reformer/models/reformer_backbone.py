@@ -1,17 +1,12 @@
 """The Reformer backbone: token ids to contextual features (functional)."""
 
 import keras
+import keras_hub
 
-from keras_reformer.layers import hashing
+from keras_reformer.layers.attention_registry import attention_type
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
-from keras_reformer.layers.full_self_attention import FullSelfAttention
 from keras_reformer.layers.layer_norm import LeanLayerNormalization
-from keras_reformer.layers.linformer_self_attention import SHARING_MODES
-from keras_reformer.layers.linformer_self_attention import LinformerProjection
-from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
-from keras_reformer.layers.local_self_attention import LocalSelfAttention
-from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
@@ -20,12 +15,10 @@ from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_positive_int_pair
 from keras_reformer.models.token_inputs import TokenInputsMixin
 
-ATTENTION_TYPES = ("lsh", "local", "full", "full_shared_qk", "linformer")
-
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerBackbone(TokenInputsMixin, keras.Model):
-    """Reformer encoder/decoder stack as a functional Keras model.
+class ReformerBackbone(TokenInputsMixin, keras_hub.models.Backbone):
+    """Reformer encoder/decoder stack as a keras-hub backbone.
 
     token ids -> embedding + axial positions -> `[x, x]` -> reversible stack
     of (norm + attention, norm + chunked feed-forward) blocks -> layer norm
@@ -34,51 +27,43 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
     any batch and length up to `prod(axial_shape)`; the output is
     `(batch, length, 2 * hidden_dim)`.
 
+    Each layer's attention is a registered attention type (see
+    `keras_reformer.layers.register_attention`): "lsh", "local", "full",
+    "full_shared_qk" (exact attention with LSH's shared query/key
+    projection and self mask, the same weights as "lsh": a model trained
+    with one can be evaluated with the other), "linformer" (not causal), or
+    one of your own. A type's settings beyond the backbone's own go in
+    `attention_options[type]`, the arguments of its layer class: for
+    example `{"lsh": {"chunk_length": 64, "num_hashes": 8, "segments": 16},
+    "local": {"chunk_length": 128}}`.
+
     Args:
         vocabulary_size: int, number of token ids.
         hidden_dim: int, model width (`sum(axial_dims)`).
         num_heads: int, attention heads per layer.
         head_dim: int, size of each head.
         intermediate_dim: int, feed-forward width.
-        attention_types: list of "lsh", "local", "full", "full_shared_qk"
-            or "linformer", one per layer (Linformer only when not causal).
-            "full_shared_qk" is exact attention with LSH's shared query/key
-            projection and self mask (the same weights as "lsh": a model
-            trained with one can be evaluated with the other).
+        attention_types: list of registered attention type names, one per
+            layer.
+        attention_options: None or a dict from type names to dicts of
+            their layer class's arguments (see above).
         axial_shape: pair, axial position grid; its product is the maximum
             length.
         axial_dims: pair summing to `hidden_dim`; default half and half.
         causal: bool, decoder (True) or bidirectional encoder (False).
-        chunk_length: int, LSH chunk length.
-        local_chunk_length: int, local attention chunk length; None: the
-            same as `chunk_length`.
-        num_hashes: int, LSH hash rounds.
-        num_buckets: LSH buckets; None: the default for the maximum length.
-        lsh_parallel_heads: None, or LSH heads hashed and attended at a
-            time, recomputed in the backward pass (see `LSHSelfAttention`'s
-            `parallel_heads`: less memory for very long sequences).
-        lsh_segments: None, or the runs of chunks each LSH layer attends
-            one after another, recomputed in the backward pass (see
-            `LSHSelfAttention`'s `segments`).
-        local_segments: None, or the runs of chunks each local attention
-            layer attends one after another, recomputed in the backward
-            pass (see `LocalSelfAttention`'s `segments`).
-        num_chunks_before: int, chunks attended before (LSH and local).
-        num_chunks_after: int, chunks attended after (0 when causal).
-        projected_length: int, Linformer's `k`; None: `min(256, max length)`.
-        linformer_sharing: Linformer projection sharing ("none", "headwise",
-            "key_value", or "layerwise": one matrix for every layer).
         feed_forward_chunk_length: int, positions per feed-forward chunk.
         activation: feed-forward activation.
         dropout: float, dropout in attention, feed-forward and embeddings.
         layer_norm_epsilon: float.
         seed: int or None, seeds hashing, dropout and initialisers.
+        dtype: None or a dtype policy (such as "mixed_bfloat16") for every
+            layer.
 
     Example:
     >>> backbone = ReformerBackbone(vocabulary_size=256, hidden_dim=32,
     ...     num_heads=2, head_dim=16, intermediate_dim=64,
     ...     attention_types=["lsh", "full"], axial_shape=(8, 16),
-    ...     chunk_length=16)
+    ...     attention_options={"lsh": {"chunk_length": 16}})
     >>> ids = keras.ops.ones((2, 100), "int32")
     >>> backbone({"token_ids": ids, "padding_mask": ids}).shape
     (2, 100, 64)
@@ -86,129 +71,65 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
 
     def __init__(self, vocabulary_size, hidden_dim=256, num_heads=4,
                  head_dim=64, intermediate_dim=512,
-                 attention_types=("lsh", "full"), axial_shape=(64, 64),
-                 axial_dims=None, causal=True, chunk_length=64,
-                 local_chunk_length=None, num_hashes=4, num_buckets=None,
-                 lsh_parallel_heads=None, lsh_segments=None,
-                 local_segments=None,
-                 num_chunks_before=1, num_chunks_after=0,
-                 projected_length=None, linformer_sharing="none",
+                 attention_types=("lsh", "full"), attention_options=None,
+                 axial_shape=(64, 64), axial_dims=None, causal=True,
                  feed_forward_chunk_length=64, activation="relu", dropout=0.0,
-                 layer_norm_epsilon=1e-12, seed=None, **kwargs):
+                 layer_norm_epsilon=1e-12, seed=None, dtype=None, **kwargs):
         check_positive_int("vocabulary_size", vocabulary_size)
         check_positive_int("hidden_dim", hidden_dim)
         check_positive_int_pair("axial_shape", axial_shape)
-        check_positive_int("chunk_length", chunk_length)
-        if local_chunk_length is not None:
-            check_positive_int("local_chunk_length", local_chunk_length)
-        if not (isinstance(layer_norm_epsilon, (int, float))
-                and layer_norm_epsilon >= 0):
-            raise ValueError(
-                f"layer_norm_epsilon must be a non-negative number; received "
-                f"layer_norm_epsilon={layer_norm_epsilon!r}.")
+        axial_dims = _checked_axial_dims(axial_dims, hidden_dim)
+        _check_epsilon(layer_norm_epsilon)
         attention_types = list(attention_types)
-        if not attention_types or any(
-                t not in ATTENTION_TYPES for t in attention_types):
-            raise ValueError(
-                f"attention_types must be a non-empty list of "
-                f"{ATTENTION_TYPES}; received attention_types="
-                f"{attention_types!r}.")
-        if linformer_sharing not in SHARING_MODES:
-            raise ValueError(
-                f"linformer_sharing must be one of {SHARING_MODES}; received "
-                f"linformer_sharing={linformer_sharing!r}.")
-        if axial_dims is None:
-            if hidden_dim < 2:
-                raise ValueError(
-                    "hidden_dim must be at least 2: the axial position "
-                    "embedding splits it over its two axes; received "
-                    f"hidden_dim={hidden_dim}.")
-            axial_dims = (hidden_dim // 2, hidden_dim - hidden_dim // 2)
-        if sum(axial_dims) != hidden_dim:
-            raise ValueError(
-                f"axial_dims must sum to hidden_dim={hidden_dim}; received "
-                f"axial_dims={tuple(axial_dims)!r}.")
-        max_length = axial_shape[0] * axial_shape[1]
-        resolved_buckets = num_buckets if num_buckets is not None else (
-            hashing.auto_num_buckets(
-                -(-max_length // chunk_length) * chunk_length, chunk_length))
+        attention_options = _checked_attention_options(
+            attention_options, attention_types)
 
-        projected_length_or_default = (
-            min(256, max_length) if projected_length is None
-            else projected_length)
-        shared_projection = None
-        if linformer_sharing == "layerwise":
-            shared_projection = LinformerProjection(
-                projected_length_or_default, max_length,
-                name="linformer_projection")
-
-        def seed_for(i):
-            return None if seed is None else seed + i
-
-        def attention(i, kind):
-            name = f"attention_{i}"
-            common = {"causal": causal, "dropout": dropout,
-                      "seed": seed_for(i), "name": name}
-            if kind == "lsh":
-                return LSHSelfAttention(
-                    num_heads, head_dim, chunk_length=chunk_length,
-                    num_hashes=num_hashes, num_buckets=resolved_buckets,
-                    parallel_heads=lsh_parallel_heads,
-                    segments=lsh_segments,
-                    num_chunks_before=num_chunks_before,
-                    num_chunks_after=num_chunks_after, **common)
-            if kind == "local":
-                return LocalSelfAttention(
-                    num_heads, head_dim,
-                    chunk_length=(chunk_length if local_chunk_length is None
-                                  else local_chunk_length),
-                    segments=local_segments,
-                    num_chunks_before=num_chunks_before,
-                    num_chunks_after=num_chunks_after, **common)
-            if kind == "linformer":
-                return LinformerSelfAttention(
-                    num_heads, head_dim, max_length=max_length,
-                    projected_length=projected_length_or_default,
-                    sharing=linformer_sharing,
-                    shared_projection=shared_projection, **common)
-            return FullSelfAttention(
-                num_heads, head_dim, shared_qk=kind == "full_shared_qk",
-                **common)
-
-        blocks = [
+        # === Layers ===
+        self.token_id_check = TokenIdCheck(
+            vocabulary_size, dtype=dtype, name="token_id_check")
+        self.token_embedding = keras.layers.Embedding(
+            vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding")
+        self.position_embedding = AxialPositionEmbedding(
+            axial_shape, axial_dims, dtype=dtype, name="position_embedding")
+        self.embedding_dropout = keras.layers.Dropout(
+            dropout, dtype=dtype, name="embedding_dropout")
+        shared = {}  # weights that several attention layers share
+        self.reversible_stack = ReversibleStack([
             ReversibleBlock(
-                PreNormBranch(attention(i, kind), layer_norm_epsilon,
-                              name=f"attention_branch_{i}"),
-                PreNormBranch(ChunkedFeedForward(
-                    intermediate_dim, feed_forward_chunk_length, activation,
-                    dropout, seed=seed_for(i), name=f"feed_forward_{i}"),
-                    layer_norm_epsilon, name=f"feed_forward_branch_{i}"),
-                name=f"reversible_block_{i}")
+                PreNormBranch(
+                    _attention_layer(
+                        kind, attention_options.get(kind, {}),
+                        num_heads=num_heads, head_dim=head_dim, causal=causal,
+                        dropout=dropout, seed=_layer_seed(seed, i),
+                        max_length=axial_shape[0] * axial_shape[1],
+                        shared=shared, dtype=dtype, name=f"attention_{i}"),
+                    layer_norm_epsilon, dtype=dtype,
+                    name=f"attention_branch_{i}"),
+                PreNormBranch(
+                    ChunkedFeedForward(
+                        intermediate_dim, feed_forward_chunk_length,
+                        activation, dropout, seed=_layer_seed(seed, i),
+                        dtype=dtype, name=f"feed_forward_{i}"),
+                    layer_norm_epsilon, dtype=dtype,
+                    name=f"feed_forward_branch_{i}"),
+                dtype=dtype, name=f"reversible_block_{i}")
             for i, kind in enumerate(attention_types)
-        ]
+        ], seed=seed, dtype=dtype, name="reversible_stack")
+        self.final_norm = LeanLayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm")
+        self.final_dropout = keras.layers.Dropout(
+            dropout, dtype=dtype, name="final_dropout")
 
-        # === Functional model ===
+        # === Functional Model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32",
                                    name="padding_mask")
-        checked_ids, id_factor = TokenIdCheck(
-            vocabulary_size, name="token_id_check")(token_ids)
-        x = keras.layers.Embedding(vocabulary_size, hidden_dim,
-                                   name="token_embedding")(checked_ids)
-        x = keras.layers.Multiply(name="poison_bad_ids")([x, id_factor])
-        x = keras.layers.Add(name="add_positions")([
-            x, AxialPositionEmbedding(axial_shape, axial_dims,
-                                      name="position_embedding")(x)])
-        x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-        x = keras.layers.Concatenate(name="duplicate")([x, x])
-        x = ReversibleStack(blocks, seed=seed, name="reversible_stack")(
-            x, padding_mask=padding_mask)
-        x = LeanLayerNormalization(epsilon=layer_norm_epsilon,
-                                   name="final_norm")(x)
-        x = keras.layers.Dropout(dropout, name="final_dropout")(x)
+        x = self.reversible_stack(self.embed(token_ids),
+                                  padding_mask=padding_mask)
+        x = self.final_dropout(self.final_norm(x))
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
-            outputs=x, **kwargs)
+            outputs=x, dtype=dtype, **kwargs)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -217,25 +138,28 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         self.head_dim = head_dim
         self.intermediate_dim = intermediate_dim
         self.attention_types = attention_types
+        self.attention_options = attention_options
         self.axial_shape = tuple(axial_shape)
         self.axial_dims = tuple(axial_dims)
         self.causal = causal
-        self.chunk_length = chunk_length
-        self.local_chunk_length = local_chunk_length
-        self.num_hashes = num_hashes
-        self.lsh_parallel_heads = lsh_parallel_heads
-        self.lsh_segments = lsh_segments
-        self.local_segments = local_segments
-        self.num_buckets = num_buckets
-        self.num_chunks_before = num_chunks_before
-        self.num_chunks_after = num_chunks_after
-        self.projected_length = projected_length
-        self.linformer_sharing = linformer_sharing
         self.feed_forward_chunk_length = feed_forward_chunk_length
         self.activation = activation
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.seed = seed
+
+    def embed(self, token_ids, start_index=0):
+        """Token and position embeddings, duplicated into the two halves
+        the reversible stack takes: `(batch, length, 2 * hidden_dim)`.
+
+        Token ids are checked (see `TokenIdCheck`); `start_index` is the
+        position of the first id (cached decoding embeds one at a time).
+        """
+        checked_ids, id_factor = self.token_id_check(token_ids)
+        x = self.token_embedding(checked_ids) * id_factor
+        x = x + self.position_embedding(x, start_index=start_index)
+        x = self.embedding_dropout(x)
+        return keras.ops.concatenate([x, x], axis=-1)
 
     def call_with_cache(self, token_ids, cache, index):
         """Features for cached generation (causal backbones).
@@ -257,59 +181,111 @@ class ReformerBackbone(TokenInputsMixin, keras.Model):
         >>> backbone = ReformerBackbone(vocabulary_size=256, hidden_dim=32,
         ...     num_heads=2, head_dim=16, intermediate_dim=64,
         ...     attention_types=["lsh", "local"], axial_shape=(4, 4),
-        ...     chunk_length=4)
+        ...     attention_options={"lsh": {"chunk_length": 4},
+        ...                        "local": {"chunk_length": 4}})
         >>> ids = keras.ops.ones((1, 16), "int32")
         >>> _, cache = backbone.call_with_cache(ids, None, 4)  # prefix 0..3
         >>> x, cache = backbone.call_with_cache(ids[:, 4:5], cache, 4)
         >>> x.shape  # position 4's features
         (1, 1, 64)
         """
-        checked_ids, id_factor = self.get_layer("token_id_check")(token_ids)
-        x = self.get_layer("token_embedding")(checked_ids) * id_factor
-        first_position = 0 if cache is None else index
-        x = x + self.get_layer("position_embedding")(
-            x, start_index=first_position)
-        x = keras.ops.concatenate([x, x], axis=-1)
-        x, cache = self.get_layer("reversible_stack").call_with_cache(
-            x, cache, index)
-        return self.get_layer("final_norm")(x), cache
+        x = self.embed(token_ids, 0 if cache is None else index)
+        x, cache = self.reversible_stack.call_with_cache(x, cache, index)
+        return self.final_norm(x), cache
 
     @property
     def max_length(self):
         """The longest input the position embedding covers."""
         return self.axial_shape[0] * self.axial_shape[1]
 
+    @property
+    def attention_layers(self):
+        """The attention layer of each block, first to last."""
+        return [block.f.layer for block in self.reversible_stack.blocks]
+
     def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
+        config = super().get_config()
+        config.update({
             "vocabulary_size": self.vocabulary_size,
             "hidden_dim": self.hidden_dim,
             "num_heads": self.num_heads,
             "head_dim": self.head_dim,
             "intermediate_dim": self.intermediate_dim,
             "attention_types": self.attention_types,
+            "attention_options": self.attention_options,
             "axial_shape": self.axial_shape,
             "axial_dims": self.axial_dims,
             "causal": self.causal,
-            "chunk_length": self.chunk_length,
-            "local_chunk_length": self.local_chunk_length,
-            "num_hashes": self.num_hashes,
-            "num_buckets": self.num_buckets,
-            "lsh_parallel_heads": self.lsh_parallel_heads,
-            "lsh_segments": self.lsh_segments,
-            "local_segments": self.local_segments,
-            "num_chunks_before": self.num_chunks_before,
-            "num_chunks_after": self.num_chunks_after,
-            "projected_length": self.projected_length,
-            "linformer_sharing": self.linformer_sharing,
             "feed_forward_chunk_length": self.feed_forward_chunk_length,
             "activation": self.activation,
             "dropout": self.dropout,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "seed": self.seed,
-        }
+        })
+        return config
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+
+def _layer_seed(seed, i):
+    return None if seed is None else seed + i
+
+
+def _attention_layer(kind, options, **settings):
+    """Layer `settings["name"]` of the registered type `kind`."""
+    cls, defaults = attention_type(kind)
+    try:
+        return cls.from_backbone(**{**defaults, **options, **settings})
+    except (TypeError, ValueError) as error:  # unknown or bad arguments
+        raise ValueError(
+            f"attention_options[{kind!r}]={options!r} does not fit "
+            f"{cls.__name__}: {error}") from error
+
+
+def _checked_attention_options(attention_options, attention_types):
+    """The options as a dict of dicts, after checking the types' names."""
+    if not attention_types:
+        raise ValueError(
+            "attention_types must be a non-empty list of attention type "
+            f"names; received attention_types={attention_types!r}.")
+    for kind in attention_types:
+        attention_type(kind, "attention_types")
+    attention_options = dict(attention_options or {})
+    reserved = ("num_heads", "head_dim", "causal", "dropout", "seed", "name",
+                "dtype", "max_length", "shared")
+    for kind, options in attention_options.items():
+        # Options of types the stack does not use are allowed (one set of
+        # options for several stacks), unknown names are not.
+        attention_type(kind, "attention_options")
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"attention_options[{kind!r}] must be a dict of arguments; "
+                f"received {options!r}.")
+        clashes = sorted(set(options) & set(reserved))
+        if clashes:
+            raise ValueError(
+                f"attention_options[{kind!r}] sets {clashes}, which the "
+                "backbone sets for every layer (pass them to "
+                "ReformerBackbone itself).")
+    return {kind: dict(options) for kind, options in attention_options.items()}
+
+
+def _checked_axial_dims(axial_dims, hidden_dim):
+    if axial_dims is None:
+        if hidden_dim < 2:
+            raise ValueError(
+                "hidden_dim must be at least 2: the axial position "
+                "embedding splits it over its two axes; received "
+                f"hidden_dim={hidden_dim}.")
+        return (hidden_dim // 2, hidden_dim - hidden_dim // 2)
+    if sum(axial_dims) != hidden_dim:
+        raise ValueError(
+            f"axial_dims must sum to hidden_dim={hidden_dim}; received "
+            f"axial_dims={tuple(axial_dims)!r}.")
+    return tuple(axial_dims)
+
+
+def _check_epsilon(layer_norm_epsilon):
+    if not (isinstance(layer_norm_epsilon, (int, float))
+            and layer_norm_epsilon >= 0):
+        raise ValueError(
+            f"layer_norm_epsilon must be a non-negative number; received "
+            f"layer_norm_epsilon={layer_norm_epsilon!r}.")

@@ -31,8 +31,9 @@ class ReformerCausalLM(ReformerTask):
     >>> from keras_reformer.text_data import byte_preprocessor
     >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
     ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
-    ...     axial_shape=(8, 16), chunk_length=16),
-    ...     preprocessor=byte_preprocessor())
+    ...     axial_shape=(8, 16),
+    ...     attention_options={"lsh": {"chunk_length": 16}}),
+    ...     preprocessor=byte_preprocessor(128))
     >>> lm.compile(optimizer="adam", loss=keras.losses.
     ...     SparseCategoricalCrossentropy(from_logits=True), sampler="greedy")
     >>> lm.generate("def ", max_length=32).startswith("def ")
@@ -53,9 +54,13 @@ class ReformerCausalLM(ReformerTask):
                 f"(axial_shape={backbone.axial_shape}); pass a "
                 f"preprocessor with sequence_length <= {backbone.max_length} "
                 f"(e.g. byte_preprocessor({backbone.max_length})).")
+        # === Layers ===
+        self.lm_head = keras.layers.Dense(
+            backbone.vocabulary_size, dtype=backbone.dtype_policy,
+            name="lm_head")
+        # === Functional Model ===
         inputs = backbone.input
-        logits = keras.layers.Dense(backbone.vocabulary_size, name="lm_head")(
-            backbone(inputs))
+        logits = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         self.backbone = backbone
         self.preprocessor = preprocessor
@@ -96,7 +101,7 @@ class ReformerCausalLM(ReformerTask):
         """
         features, cache = self.backbone.call_with_cache(
             token_ids, cache, cache_update_index)
-        return self.get_layer("lm_head")(features), features, cache
+        return self.lm_head(features), features, cache
 
     def build_cache(self, token_ids, prefix_length):
         """Runs the prefix `token_ids[:, :prefix_length]` of the `(batch,

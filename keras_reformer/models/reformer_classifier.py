@@ -19,8 +19,9 @@ class ReformerClassifier(ReformerTask):
     >>> from keras_reformer.models import ReformerBackbone
     >>> classifier = ReformerClassifier(ReformerBackbone(
     ...     vocabulary_size=256, hidden_dim=32, num_heads=2, head_dim=16,
-    ...     intermediate_dim=64, axial_shape=(8, 16), chunk_length=16,
-    ...     causal=False, num_chunks_after=1), num_classes=3)
+    ...     intermediate_dim=64, axial_shape=(8, 16), causal=False,
+    ...     attention_options={"lsh": {"chunk_length": 16,
+    ...                                "num_chunks_after": 1}}), num_classes=3)
     """
 
     def __init__(self, backbone, num_classes, dropout=0.0, **kwargs):

@@ -27,8 +27,9 @@ class ReformerMaskedLM(ReformerTask):
     >>> from keras_reformer.models import ReformerBackbone
     >>> mlm = ReformerMaskedLM(ReformerBackbone(
     ...     vocabulary_size=257, hidden_dim=32, num_heads=2, head_dim=16,
-    ...     intermediate_dim=64, axial_shape=(8, 16), chunk_length=16,
-    ...     causal=False, num_chunks_after=1))
+    ...     intermediate_dim=64, axial_shape=(8, 16), causal=False,
+    ...     attention_options={"lsh": {"chunk_length": 16,
+    ...                                "num_chunks_after": 1}}))
     >>> logits = mlm({"token_ids": keras.ops.ones((2, 128), "int32"),
     ...               "padding_mask": keras.ops.ones((2, 128), "int32"),
     ...               "mask_positions": keras.ops.array([[0, 5], [7, 127]])})
