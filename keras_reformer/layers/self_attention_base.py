@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.seeds import TensorSeed
+from keras_reformer.layers.token_id_check import checked_mask
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_rate
 
@@ -169,6 +170,9 @@ def padding_mask_or_ones(padding_mask, inputs, keras_mask=None):
     as `Embedding(mask_zero=True)`); a token is real only where both masks
     say so.
 
+    Masks hold 0 and 1 (or bools); other values raise (see
+    `checked_mask`).
+
     Raises:
         ValueError: the mask's static shape is not the inputs' first two
             axes.
@@ -193,7 +197,7 @@ def _checked_mask(padding_mask, inputs, name):
         raise ValueError(
             f"{name} must have shape (batch, length) = {expected}, "
             f"matching the inputs; received shape {mask_shape}.")
-    return ops.cast(padding_mask, "bool")
+    return checked_mask(padding_mask, name)
 
 
 def prefix_mask(inputs, prefix_length):
