@@ -179,16 +179,16 @@ def lm_and_inputs():
 
 @pytest.fixture(scope="module")
 def served_lm(tmp_path_factory):
-    """An LM, valid token ids and its exported `serving_default` (one
-    export for the tests below: exporting an LM takes seconds)."""
+    """An LM, valid token ids and its exported signatures (one export for
+    the tests below: exporting an LM takes seconds)."""
     model, ids = lm_and_inputs()
     path = export_for_serving(model, str(tmp_path_factory.mktemp("lm")))
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    return model, ids, serve
+    return model, ids, tf.saved_model.load(path).signatures
 
 
 def test_out_of_range_token_ids_raise_also_when_served(served_lm):
-    model, valid_ids, serve = served_lm
+    model, valid_ids, signatures = served_lm
+    serve = signatures["serving_default"]
     assert np.all(np.isfinite(serve(token_ids=tf.constant(valid_ids))[
         "logits"]))
     for bad_id in (50, -1):
@@ -208,7 +208,8 @@ def test_out_of_range_token_ids_raise_also_when_served(served_lm):
 
 def test_served_model_gives_identical_answers_under_concurrent_calls(
         served_lm):
-    _, ids, serve = served_lm
+    _, ids, signatures = served_lm
+    serve = signatures["serving_default"]
     requests = [np.roll(ids, shift, axis=1) for shift in range(8)]
     serial = [serve(token_ids=tf.constant(r))["logits"].numpy()
               for r in requests]
@@ -280,6 +281,22 @@ def test_fractional_token_ids_raise_and_whole_floats_pass():
                   "padding_mask": mask})
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(whole),
                                   keras.ops.convert_to_numpy(ints))
+
+
+def test_served_padded_batch_matches_each_row_served_alone(served_lm):
+    _, ids, signatures = served_lm
+    serve, padded = signatures["serving_default"], signatures["serve_padded"]
+    lengths = [40, 17, 1]
+    mask = (np.arange(40) < np.array(lengths)[:, None]).astype("int32")
+    logits = padded(token_ids=tf.constant(ids * mask),
+                    padding_mask=tf.constant(mask))["logits"].numpy()
+    for row, length in enumerate(lengths):
+        alone = serve(token_ids=tf.constant(ids[row:row + 1, :length]))
+        np.testing.assert_allclose(logits[row, :length],
+                                   alone["logits"].numpy()[0], atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(
+            "padding_mask must hold only 0 and 1 (or False and True)")):
+        padded(token_ids=tf.constant(ids), padding_mask=tf.constant(2 * mask))
 
 
 def bad_token_inputs(ids):
