@@ -14,6 +14,7 @@ import keras_hub
 import tensorflow as tf
 
 SERVING_ENDPOINT = "serve"
+PADDED_SERVING_ENDPOINT = "serve_padded"
 GENERATE_ENDPOINT = "generate"
 GENERATE_SIGNATURE = [
     tf.TensorSpec((None, None), tf.int32, name="token_ids"),
@@ -28,13 +29,18 @@ GENERATE_SIGNATURE = [
 def export_for_serving(model, path, verbose=False):
     """Writes `model` as a TF SavedModel for serving.
 
-    The signature takes `token_ids`, int32 `(batch, length)` with any batch
-    size and any length up to the model's maximum, treats every token as real
-    (padding mask of ones) and returns the model's output as
-    `{"logits": float32}`: `(batch, length, vocabulary)` for a
-    `ReformerCausalLM`, `(batch, classes)` for a `ReformerClassifier`; a
-    `ReformerMaskedLM`'s signature also takes int32 `mask_positions`
-    `(batch, masked)` and returns `(batch, masked, vocabulary)`. The model
+    The signature `serving_default` takes `token_ids`, int32 `(batch,
+    length)` with any batch size and any length up to the model's maximum,
+    treats every token as real (padding mask of ones) and returns the
+    model's output as `{"logits": float32}`: `(batch, length, vocabulary)`
+    for a `ReformerCausalLM`, `(batch, classes)` for a `ReformerClassifier`;
+    a `ReformerMaskedLM`'s signature also takes int32 `mask_positions`
+    `(batch, masked)` and returns `(batch, masked, vocabulary)`. The
+    signature `serve_padded` takes the same inputs plus int32
+    `padding_mask` `(batch, length)` (1: real token, 0: padding; any other
+    value is an `InvalidArgumentError`), for a batch of sequences of
+    different lengths: each row's logits at its real positions are those
+    of the row served alone. The model
     runs with `training=False`, so LSH layers hash with their fixed
     rotations and the outputs are deterministic. Loading
     needs only TensorFlow, not keras_reformer (TF Serving's case).
@@ -43,9 +49,12 @@ def export_for_serving(model, path, verbose=False):
     decoding): int32 `token_ids` and `padding_mask` `(batch, width)` (each
     row's prompt, right-padded, at least one token), scalars `max_length`
     (total tokens per row, at least `width`), `top_k` (int, 0: no cut-off),
-    `temperature` (float, 0: greedy) and `seed` (int) -> `{"token_ids",
-    "padding_mask"}` `(batch, max_length)` int32. Sampling is reproducible
-    for a seed and keeps no state between calls.
+    `temperature` (finite float, 0: greedy) and `seed` (int) ->
+    `{"token_ids", "padding_mask"}` `(batch, max_length)` int32. A mask
+    that is not 1s followed by 0s in each row (left padding, holes), a
+    negative `top_k` or a negative or non-finite `temperature` is an
+    `InvalidArgumentError`. Sampling is reproducible for a seed and keeps
+    no state between calls.
 
     `keras.export.ExportArchive` registers the endpoints; on writing, it
     also publishes its first endpoint (`serve`) under `serving_default`,
@@ -96,20 +105,9 @@ def export_for_serving(model, path, verbose=False):
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    signature = [tf.TensorSpec((None, None), tf.int32, name="token_ids")]
-    if "mask_positions" in model.input:  # a ReformerMaskedLM
-        signature.append(
-            tf.TensorSpec((None, None), tf.int32, name="mask_positions"))
-
-    def serve(token_ids, *mask_positions):
-        inputs = {"token_ids": token_ids,
-                  "padding_mask": tf.ones_like(token_ids)}
-        if mask_positions:
-            inputs["mask_positions"] = mask_positions[0]
-        logits = model(inputs, training=False)
-        return {"logits": tf.cast(logits, tf.float32)}
-
-    archive.add_endpoint(SERVING_ENDPOINT, serve, input_signature=signature)
+    for name, padded in ((SERVING_ENDPOINT, False),
+                         (PADDED_SERVING_ENDPOINT, True)):
+        archive.add_endpoint(name, *_serving_function(model, padded))
     if hasattr(model, "generate_step"):
         archive.add_endpoint(GENERATE_ENDPOINT, _generate_function(model),
                              input_signature=GENERATE_SIGNATURE)
@@ -124,6 +122,25 @@ def export_for_serving(model, path, verbose=False):
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return path
+
+
+def _serving_function(model, padded):
+    """`(function, input_signature)` of a serving endpoint: `token_ids`,
+    `padding_mask` if `padded` (else all ones), and `mask_positions` for a
+    `ReformerMaskedLM`, to `{"logits"}`."""
+    names = ["token_ids"] + ["padding_mask"] * padded
+    if "mask_positions" in model.input:  # a ReformerMaskedLM
+        names.append("mask_positions")
+
+    def serve(*tensors):
+        inputs = dict(zip(names, tensors))
+        if not padded:
+            inputs["padding_mask"] = tf.ones_like(inputs["token_ids"])
+        logits = model(inputs, training=False)
+        return {"logits": tf.cast(logits, tf.float32)}
+
+    return serve, [tf.TensorSpec((None, None), tf.int32, name=name)
+                   for name in names]
 
 
 def _generate_function(lm):
@@ -153,6 +170,19 @@ def _generate_function(lm):
             tf.debugging.assert_positive(
                 tf.reduce_sum(padding_mask, axis=1),
                 message="every prompt needs at least one token"),
+            tf.debugging.assert_equal(
+                padding_mask, tf.cast(
+                    tf.range(prompt_length)[None] < tf.reduce_sum(
+                        padding_mask, axis=1, keepdims=True), tf.int32),
+                message="padding_mask must be 1s followed by 0s in every "
+                        "row (right-padded prompts)"),
+            tf.debugging.assert_non_negative(
+                top_k, message="top_k must be >= 0 (0: no cut-off)"),
+            tf.debugging.Assert(
+                tf.logical_and(tf.math.is_finite(temperature),
+                               temperature >= 0),
+                ["temperature must be a finite number >= 0 (0: greedy); "
+                 "received", temperature]),
         ]
         with tf.control_dependencies(checks):
             extra = [[0, 0], [0, max_length - prompt_length]]

@@ -142,6 +142,10 @@ def test_signature_is_dynamic_int32_token_ids_to_logits(exported):
     assert list(serve.structured_outputs) == ["logits"]
     assert serve.structured_outputs["logits"].shape.as_list() == [
         None, None, VOCABULARY]
+    padded = tf.saved_model.load(path).signatures["serve_padded"]
+    _, kwargs = padded.structured_input_signature
+    assert sorted(kwargs) == ["padding_mask", "token_ids"]
+    assert {spec.dtype for spec in kwargs.values()} == {tf.int32}
 
 
 PROMPTS = {"token_ids": np.array([[5, 6, 7, 0], [8, 9, 10, 11]], "int32"),
@@ -197,14 +201,32 @@ def test_generate_signature_rejects_bad_requests(exported):
     generate = tf.saved_model.load(path).signatures["generate"]
     settings = dict(top_k=tf.constant(0), temperature=tf.constant(0.0),
                     seed=tf.constant(0))
+    not_right_padded = re.escape(
+        "padding_mask must be 1s followed by 0s in every row (right-padded "
+        "prompts)")
     for mask, max_length, message in [
-            ([[0, 0]], 4, "at least one token"),
-            ([[1, 1]], 1, "at least the prompt width"),
-            ([[1, 1]], MAX_LENGTH + 1, "at most the 64 positions")]:
+            ([[0, 0, 0]], 4, "at least one token"),
+            ([[1, 1, 1]], 1, "at least the prompt width"),
+            ([[1, 1, 1]], MAX_LENGTH + 1, "at most the 64 positions"),
+            ([[0, 1, 1]], 4, not_right_padded),  # left padding
+            ([[1, 0, 1]], 4, not_right_padded),  # a hole
+            ([[1, 2, 0]], 4, not_right_padded)]:  # not 0 or 1
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
-            generate(token_ids=tf.constant([[1, 2]]),
+            generate(token_ids=tf.constant([[1, 2, 3]]),
                      padding_mask=tf.constant(mask),
                      max_length=tf.constant(max_length), **settings)
+    request = dict(token_ids=tf.constant([[1, 2]]),
+                   padding_mask=tf.constant([[1, 1]]),
+                   max_length=tf.constant(4), seed=tf.constant(0))
+    for top_k, temperature, message in [
+            (0, float("nan"), r"temperature must be a finite number >= 0 "
+                              r"\(0: greedy\); received. \[nan\]"),
+            (0, float("inf"), r"finite number >= 0 .*received. \[inf\]"),
+            (0, -1.0, r"finite number >= 0 .*received. \[-1\]"),
+            (-1, 1.0, r"top_k must be >= 0 \(0: no cut-off\)")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            generate(top_k=tf.constant(top_k),
+                     temperature=tf.constant(temperature), **request)
 
 
 def test_saved_model_cli_runs_the_serving_signature(exported):

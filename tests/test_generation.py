@@ -3,6 +3,8 @@
 Backend-agnostic (re-run on JAX by test_jax_backend.py).
 """
 
+import re
+
 import keras
 import keras_hub
 import numpy as np
@@ -198,6 +200,14 @@ def test_stop_tokens_and_strip_prompt():
     free = lm.generate(prompt)["token_ids"][0]
     stop = int(free[4])
     out = lm.generate(prompt, stop_token_ids=[stop], strip_prompt=True)
+    one_id = lm.generate(prompt, stop_token_ids=stop, strip_prompt=True)
+    # Whole numbers in a float dtype and a bool mask read as ints.
+    floats = lm.generate({"token_ids": prompt["token_ids"].astype("float32"),
+                          "padding_mask": prompt["padding_mask"] == 1},
+                         stop_token_ids=[stop], strip_prompt=True)
+    for key in out:  # a single id is a list of one
+        np.testing.assert_array_equal(one_id[key], out[key])
+        np.testing.assert_array_equal(floats[key], out[key])
     first_stop = 2 + list(free[2:]).index(stop)
     expected = np.zeros(8, bool)
     expected[2:first_stop + 1] = True
@@ -237,8 +247,61 @@ def test_text_generation_with_the_byte_preprocessor_survives_saving(
      r"\[0, 40\)"),
     ({"token_ids": [[1, 2]]}, None, "exactly the keys"),
     ("some text", None, "no preprocessor"),
+    ({"token_ids": [[1, 1.5]], "padding_mask": [[1, 1]]}, None,
+     r"token_ids must be whole numbers in the int32 range \[-2\*\*31, "
+     r"2\*\*31\) \(received dtype float64\); received values such as "
+     r"\[1.5\]"),
+    ({"token_ids": np.array([[1, 2**32 + 5]]), "padding_mask": [[1, 1]]},
+     None, r"int32 range .* \(received dtype int64\); received values such "
+     r"as \[4294967301\]"),
+    ({"token_ids": [["a", "b"]], "padding_mask": [[1, 1]]}, None,
+     "token_ids must be a tensor of integers or whole numbers in a float "
+     "dtype; received dtype <U1"),
+    ({"token_ids": [[1, 2]], "padding_mask": [[1, 0.5]]}, None,
+     r"padding_mask must hold only 0 and 1 \(or False and True\) "
+     r"\(received dtype float64\); received values such as \[0.5\]"),
+    ({"token_ids": [[1, 2]], "padding_mask": [[1, 1]]}, 8.0,
+     r"max_length must be a positive integer; received max_length=8.0"),
 ])
 def test_bad_generate_inputs_raise(inputs, max_length, message):
     lm = causal_lm(["local"])
     with pytest.raises(ValueError, match=message):
         lm.generate(inputs, max_length=max_length)
+
+
+def test_bad_stop_token_ids_and_sampler_raise():
+    lm = causal_lm(["local"])
+    prompt = {"token_ids": [[1, 2]], "padding_mask": [[1, 1]]}
+    for stop in ("x", [40], [], 1.0):
+        with pytest.raises(ValueError, match=re.escape(
+                "stop_token_ids must be None, a token id or a non-empty "
+                "list of token ids in [0, 40); received "
+                f"stop_token_ids={stop!r}.")):
+            lm.generate(prompt, max_length=4, stop_token_ids=stop)
+    with pytest.raises(ValueError, match=re.escape(
+            "sampler must be one of ('beam', 'contrastive', 'greedy', "
+            "'random', 'top_k', 'top_p') or a keras_hub.samplers.Sampler; "
+            "received sampler='bogus'.")):
+        lm.compile(sampler="bogus")
+
+
+def test_prompt_longer_than_max_length_raises_in_both_forms():
+    backbone = causal_lm(["local"], vocabulary=256).backbone
+    lm = ReformerCausalLM(backbone, preprocessor=byte_preprocessor(8))
+    message = re.escape(
+        "max_length=4 is shorter than the longest prompt (row 1: 10 "
+        "tokens); max_length counts the prompt and the generated tokens.")
+    with pytest.raises(ValueError, match=message):
+        lm.generate(["abc", "abcdefghij"], max_length=4)
+    ids = np.zeros((2, 12), "int32")
+    ids[1, :10] = list(b"abcdefghij")
+    ids[0, :3] = list(b"abc")
+    mask = (ids > 0).astype("int32")
+    with pytest.raises(ValueError, match=message):
+        lm.generate({"token_ids": ids, "padding_mask": mask}, max_length=4)
+    # The preprocessor's sequence_length (8) is the default max_length.
+    with pytest.raises(ValueError, match="max_length=8 is shorter"):
+        lm.generate("abcdefghij")
+    with pytest.raises(ValueError, match=re.escape(
+            "(row 0: more than 64 tokens)")):
+        lm.generate("a" * 100, max_length=64)

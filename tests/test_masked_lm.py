@@ -1,6 +1,7 @@
 """ReformerMaskedLM and masked_lm_dataset: numbers, masking, learning."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -69,11 +70,29 @@ def test_bad_backbone_and_positions_raise():
         with pytest.raises(tf.errors.InvalidArgumentError,
                            match=r"mask_positions must be in \[0, sequence"):
             mlm(inputs([[0, bad], [1, 2]]))
-    # XLA drops assertions: the bad row is NaN, never a clamped lookup.
+    fractional = dict(inputs([[0, 1]]), mask_positions=np.array(
+        [[0, 1.5], [1, 2]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(
+            "mask_positions must be whole numbers in the int32 range "
+            "[-2**31, 2**31) (received dtype float64)")):
+        mlm(fractional)
+    one_row = dict(inputs([[0, 1]]), mask_positions=np.array([[0, 1]]))
+    message = re.escape("mask_positions must have the batch size of "
+                        "token_ids; received a mask_positions batch of 1 "
+                        "and a token_ids batch of 2.")
+    with pytest.raises(ValueError, match=message):
+        mlm(one_row)
+    with pytest.raises(ValueError, match=re.escape(
+            "The inputs must have one batch size; received batch sizes "
+            "{'token_ids': 2, 'padding_mask': 2, 'mask_positions': 1}.")):
+        mlm.predict(one_row, verbose=0)
+    # XLA drops assertions: the bad row is NaN, never a clamped or
+    # truncated lookup.
     mlm.compile(jit_compile=True)
-    logits = mlm.predict(inputs([[0, 64], [1, 2]]), verbose=0)
-    assert np.isnan(logits[0, 1]).all()
-    assert np.isfinite(np.delete(logits.reshape(4, -1), 1, axis=0)).all()
+    for bad in (inputs([[0, 64], [1, 2]]), fractional):
+        logits = mlm.predict(bad, verbose=0)
+        assert np.isnan(logits[0, 1]).all()
+        assert np.isfinite(np.delete(logits.reshape(4, -1), 1, axis=0)).all()
 
 
 def test_dataset_masks_as_bert_does_and_repeatably():

@@ -2,6 +2,7 @@
 safe to expose. Each case names the argument or input and what is allowed
 (see RELIABILITY.md)."""
 
+import re
 import threading
 
 import keras
@@ -204,16 +205,16 @@ def lm_and_inputs():
 
 @pytest.fixture(scope="module")
 def served_lm(tmp_path_factory):
-    """An LM, valid token ids and its exported `serving_default` (one
-    export for the tests below: exporting an LM takes seconds)."""
+    """An LM, valid token ids and its exported signatures (one export for
+    the tests below: exporting an LM takes seconds)."""
     model, ids = lm_and_inputs()
     path = export_for_serving(model, str(tmp_path_factory.mktemp("lm")))
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    return model, ids, serve
+    return model, ids, tf.saved_model.load(path).signatures
 
 
 def test_out_of_range_token_ids_raise_also_when_served(served_lm):
-    model, valid_ids, serve = served_lm
+    model, valid_ids, signatures = served_lm
+    serve = signatures["serving_default"]
     assert np.all(np.isfinite(serve(token_ids=tf.constant(valid_ids))[
         "logits"]))
     for bad_id in (50, -1):
@@ -233,7 +234,8 @@ def test_out_of_range_token_ids_raise_also_when_served(served_lm):
 
 def test_served_model_gives_identical_answers_under_concurrent_calls(
         served_lm):
-    _, ids, serve = served_lm
+    _, ids, signatures = served_lm
+    serve = signatures["serving_default"]
     requests = [np.roll(ids, shift, axis=1) for shift in range(8)]
     serial = [serve(token_ids=tf.constant(r))["logits"].numpy()
               for r in requests]
@@ -305,3 +307,87 @@ def test_fractional_token_ids_raise_and_whole_floats_pass():
                   "padding_mask": mask})
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(whole),
                                   keras.ops.convert_to_numpy(ints))
+
+
+def test_served_padded_batch_matches_each_row_served_alone(served_lm):
+    _, ids, signatures = served_lm
+    serve, padded = signatures["serving_default"], signatures["serve_padded"]
+    lengths = [40, 17, 1]
+    mask = (np.arange(40) < np.array(lengths)[:, None]).astype("int32")
+    logits = padded(token_ids=tf.constant(ids * mask),
+                    padding_mask=tf.constant(mask))["logits"].numpy()
+    for row, length in enumerate(lengths):
+        alone = serve(token_ids=tf.constant(ids[row:row + 1, :length]))
+        np.testing.assert_allclose(logits[row, :length],
+                                   alone["logits"].numpy()[0], atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(
+            "padding_mask must hold only 0 and 1 (or False and True)")):
+        padded(token_ids=tf.constant(ids), padding_mask=tf.constant(2 * mask))
+
+
+def bad_token_inputs(ids):
+    """Batches whose rows 0 and 2 hold a value that an int32 cast would
+    silently misread: int64 (2**32 + 5 reads as 5) and float (1.5 as 1,
+    a 0.5 mask as padding)."""
+    mask = np.ones_like(ids)
+    wide = {"token_ids": ids.astype("int64"), "padding_mask": mask.astype(
+        "int64")}
+    wide["token_ids"][0, 3] += 2**32
+    wide["padding_mask"][2, 5] = 2**32 + 1
+    floats = {"token_ids": ids.astype("float64"),
+              "padding_mask": mask.astype("float64")}
+    floats["token_ids"][0, 3] = 1.5
+    floats["padding_mask"][2, 5] = 0.5
+    return {"int64": wide, "float64": floats}
+
+
+def test_bad_token_ids_and_masks_raise_and_poison_rows_under_xla():
+    model, ids = lm_and_inputs()
+    expected = model.predict({"token_ids": ids,
+                              "padding_mask": np.ones_like(ids)}, verbose=0)
+    batches = bad_token_inputs(ids)
+    for dtype, batch in batches.items():
+        for row, name, rule in [
+                (0, "token_ids", r"must be whole numbers in the int32 range "
+                                 r"\[-2\*\*31, 2\*\*31\)"),
+                (2, "padding_mask", r"must hold only 0 and 1 \(or False and "
+                                    r"True\)")]:
+            other = 2 - row  # keep only this row's bad value
+            clean = {k: v.copy() for k, v in batch.items()}
+            clean["token_ids"][other] = ids[other]
+            clean["padding_mask"][other] = 1
+            with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=f"{name} {rule} .received dtype {dtype}"):
+                model(clean)
+    # The attention layers read masks by the same rule.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="padding_mask must hold only 0 and 1"):
+        call_layer(FullSelfAttention(2, 8), (1, 3, 16),
+                   padding_mask=np.array([[1, 0.5, 1]]))
+    # XLA drops assertions: the bad rows are NaN, the good row exact.
+    model.compile(jit_compile=True)
+    for batch in batches.values():
+        out = model.predict(batch, verbose=0)
+        assert np.isnan(out[[0, 2]]).all()
+        np.testing.assert_allclose(out[1], expected[1], atol=1e-5)
+
+
+def test_failed_predict_leaves_the_model_working():
+    """A bad predict raises its error, and the next ones still work (on
+    JAX, Keras 3.15's predict detaches the weights for its loop and
+    reattaches them only on success)."""
+    model, ids = lm_and_inputs()
+    good = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    expected = model.predict(good, verbose=0)
+    too_long = np.ones((1, 65), "int32")
+    too_long = {"token_ids": too_long, "padding_mask": too_long}
+    bad_inputs = [too_long]  # arrays: checked before Keras's loop
+    if keras.backend.backend() == "jax":  # a dataset: in the loop's trace
+        bad_inputs.append(tf.data.Dataset.from_tensors(too_long))
+    for bad in bad_inputs:
+        with pytest.raises(ValueError, match=re.escape(
+                "Sequence length 65 exceeds the 64 positions of "
+                "axial_shape=(8, 8)")):
+            model.predict(bad, verbose=0)
+        np.testing.assert_array_equal(model.predict(good, verbose=0),
+                                      expected)

@@ -49,7 +49,7 @@ class AxialPositionEmbedding(keras.layers.Layer):
             raise ValueError(
                 f"axial_dims={self.axial_dims} must sum to the hidden size "
                 f"{hidden_dim} of the inputs (shape {tuple(input_shape)}).")
-        self._check_length(input_shape[1])
+        self.check_length(input_shape[1])
         self.row_embeddings = self.add_weight(
             name="row_embeddings",
             shape=(self.axial_shape[0], self.axial_dims[0]),
@@ -59,7 +59,8 @@ class AxialPositionEmbedding(keras.layers.Layer):
             shape=(self.axial_shape[1], self.axial_dims[1]),
             initializer=self.initializer)
 
-    def _check_length(self, length):
+    def check_length(self, length):
+        """Raises ValueError if the int `length` exceeds the positions."""
         if isinstance(length, int) and length > self.max_length:
             raise ValueError(
                 f"Sequence length {length} exceeds the {self.max_length} "
@@ -70,7 +71,7 @@ class AxialPositionEmbedding(keras.layers.Layer):
         """Embeddings of positions `start_index ... start_index + length - 1`
         (a later start serves cached generation), broadcast to `inputs`."""
         length = ops.shape(inputs)[1]
-        self._check_length(length)
+        self.check_length(length)
         positions = start_index + ops.arange(length, dtype="int32")
         columns = self.axial_shape[1]
         embeddings = ops.concatenate([

@@ -6,6 +6,8 @@ on (the reversible stack, say) import no attention code.
 
 from keras import ops
 
+from keras_reformer.layers.token_id_check import checked_mask
+
 
 def zero_padding(outputs, valid):
     """`outputs` `(batch, length, ...)` with zeros where `valid`
@@ -22,6 +24,9 @@ def padding_mask_or_ones(padding_mask, inputs, keras_mask=None):
     `keras_mask` is the mask Keras hands a layer from an earlier one (such
     as `Embedding(mask_zero=True)`); a token is real only where both masks
     say so.
+
+    Masks hold 0 and 1 (or bools); other values raise (see
+    `checked_mask`).
 
     Raises:
         ValueError: the mask's static shape is not the inputs' first two
@@ -47,7 +52,7 @@ def _checked_mask(padding_mask, inputs, name):
         raise ValueError(
             f"{name} must have shape (batch, length) = {expected}, "
             f"matching the inputs; received shape {mask_shape}.")
-    return ops.cast(padding_mask, "bool")
+    return checked_mask(padding_mask, name)
 
 
 def prefix_mask(inputs, prefix_length):

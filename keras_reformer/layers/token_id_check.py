@@ -1,4 +1,5 @@
-"""Out-of-range token ids fail loudly instead of reading garbage embeddings."""
+"""Input checks that fail loudly (or poison outputs with NaN under XLA)
+instead of reading garbage: token ids, gathered positions, masks."""
 
 import keras
 from keras import ops
@@ -58,6 +59,9 @@ class TokenIdCheck(keras.layers.Layer):
         return config
 
 
+MASK_RULE = "must hold only 0 and 1 (or False and True)"
+
+
 def checked_indices(indices, upper, message, dtype):
     """`indices` and a factor that is 1 where `0 <= index < upper`, NaN
     elsewhere (`indices.shape + (1,)`, in `dtype`), raising first where the
@@ -71,18 +75,65 @@ def checked_indices(indices, upper, message, dtype):
     """
     valid = ops.logical_and(indices >= 0, indices < upper)
     factor = ops.cast(ops.where(valid, 1.0, float("nan"))[..., None], dtype)
+    return raise_unless(valid, indices, message, indices, factor)
+
+
+def checked_mask(mask, name="padding_mask"):
+    """`mask` as bool, after checking that it holds only 0 and 1.
+
+    The package's one rule for masks: 1 (or True) is a real token, 0 (or
+    False) padding, and any other value (0.5, 2) an error, raised where the
+    backend can (see `raise_unless`), rather than read as padding by an
+    integer cast and as a real token by a bool cast.
+
+    Args:
+        mask: bool, int or float tensor.
+        name: str, the input's name in the error.
+
+    Returns:
+        The bool mask.
+    """
+    if keras.backend.standardize_dtype(mask.dtype) == "bool":
+        return mask
+    mask = raise_unless(mask_values_valid(mask), mask,
+                        f"{name} {MASK_RULE}", mask)
+    return ops.cast(mask, "bool")
+
+
+def mask_values_valid(mask):
+    """Bool tensor: True where `mask` is 0 or 1."""
+    return ops.logical_or(ops.equal(mask, 0), ops.equal(mask, 1))
+
+
+def raise_unless(valid, values, message, *outputs):
+    """`outputs`, after raising `message` where `valid` (bool) is not all
+    True and the backend can raise: an `InvalidArgumentError` from a
+    TensorFlow assertion (eager, graph, SavedModel), a `ValueError` naming
+    the bad `values` elsewhere when they are concrete. Under XLA or a JAX
+    trace nothing is raised: the caller makes the affected outputs NaN.
+
+    Returns:
+        `outputs` (one tensor if one was given).
+    """
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         check = tf.debugging.Assert(tf.reduce_all(valid), [message])
         with tf.control_dependencies([check]):
-            return tf.identity(indices), tf.identity(factor)
-    if not _is_traced(indices):
-        values = ops.convert_to_numpy(indices)
-        if values.size and not ops.convert_to_numpy(valid).all():
-            raise ValueError(f"{message}; received values from "
-                             f"{values.min()} to {values.max()}.")
-    return indices, factor
+            outputs = [tf.identity(x) for x in outputs]
+    elif not _is_traced(valid):
+        valid = ops.convert_to_numpy(valid)
+        if not valid.all():
+            raise value_error(message, values, valid)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def value_error(message, values, valid):
+    """`ValueError(message)` naming a few of the `values` where the numpy
+    bool array `valid` is False."""
+    bad = ops.convert_to_numpy(values)[~valid]
+    return ValueError(f"{message}; received values such as "
+                      f"{sorted(set(bad.tolist()))[:3]}.")
 
 
 def _is_traced(x):

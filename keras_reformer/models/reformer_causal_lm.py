@@ -5,8 +5,13 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_task import ReformerTask
+from keras_reformer.models.token_inputs import check_token_values
 from keras_reformer.text_data import as_text
+
+# The keras-hub samplers `compile(sampler=...)` takes by name.
+SAMPLERS = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -68,8 +73,14 @@ class ReformerCausalLM(ReformerTask):
         self.generate_function = None
 
     def compile(self, *args, sampler="top_k", **kwargs):
-        """`keras.Model.compile`, plus the keras-hub `sampler` (a name or a
-        `keras_hub.samplers.Sampler`) that `generate()` uses."""
+        """`keras.Model.compile`, plus the keras-hub `sampler` (one of
+        `SAMPLERS` or a `keras_hub.samplers.Sampler`) that `generate()`
+        uses."""
+        if not (sampler in SAMPLERS if isinstance(sampler, str) else
+                isinstance(sampler, keras_hub.samplers.Sampler)):
+            raise ValueError(
+                f"sampler must be one of {SAMPLERS} or a "
+                f"keras_hub.samplers.Sampler; received sampler={sampler!r}.")
         super().compile(*args, **kwargs)
         self.sampler = keras_hub.samplers.get(sampler)
         self.generate_function = None
@@ -200,11 +211,12 @@ class ReformerCausalLM(ReformerTask):
         Args:
             inputs: a string or list of strings (needs a `preprocessor`), or
                 a dict of `token_ids` and `padding_mask` `(batch, length)`
-                (right-padded prompts; `max_length` pads the buffer
-                further).
-            max_length: int, total tokens per row (prompt included); default
-                the preprocessor's `sequence_length` or the buffer length.
-            stop_token_ids: None or a list of ids that end a row.
+                (right-padded prompts, ids whole numbers, mask 0s and 1s).
+            max_length: int, total tokens per row (prompt included), at
+                least the longest prompt; default the preprocessor's
+                `sequence_length` or the buffer length.
+            stop_token_ids: None, a token id, or a list of ids that end a
+                row.
             strip_prompt: bool, return only the generated part.
 
         Returns:
@@ -215,20 +227,20 @@ class ReformerCausalLM(ReformerTask):
         is_text = isinstance(inputs, str) or (
             isinstance(inputs, (list, tuple)) and inputs
             and all(isinstance(x, str) for x in inputs))
+        if max_length is not None:
+            if isinstance(max_length, np.integer):
+                max_length = int(max_length)
+            check_positive_int("max_length", max_length)
+        stop = self._stop_tuple(stop_token_ids)
         if is_text:
-            if self.preprocessor is None:
-                raise ValueError(
-                    "generate() received text but this ReformerCausalLM has "
-                    "no preprocessor; pass a dict of token_ids and "
-                    "padding_mask, or build the model with a preprocessor.")
-            batch = self.preprocessor.generate_preprocess(
-                [inputs] if isinstance(inputs, str) else list(inputs),
-                sequence_length=max_length)
-            batch = {k: ops.convert_to_numpy(v) for k, v in batch.items()}
+            batch = self._text_prompts(inputs)
+            default_length = self.preprocessor.sequence_length
         else:
-            batch = self._padded_prompts(inputs, max_length)
+            batch = self._token_prompts(inputs)
+            default_length = batch["token_ids"].shape[1]
         self._check_prompts(batch)
-        stop = None if stop_token_ids is None else tuple(stop_token_ids)
+        batch = self._fit_prompts(
+            batch, default_length if max_length is None else max_length)
         outputs = self.make_generate_function()(
             {k: ops.convert_to_tensor(v, "int32") for k, v in batch.items()},
             stop)
@@ -243,7 +255,21 @@ class ReformerCausalLM(ReformerTask):
                  zip(outputs["token_ids"], outputs["padding_mask"])]
         return texts[0] if isinstance(inputs, str) else texts
 
-    def _padded_prompts(self, inputs, max_length):
+    def _text_prompts(self, inputs):
+        """The prompts' ids and mask, one position wider than the model,
+        so that a prompt too long to serve is counted, never cut."""
+        if self.preprocessor is None:
+            raise ValueError(
+                "generate() received text but this ReformerCausalLM has "
+                "no preprocessor; pass a dict of token_ids and "
+                "padding_mask, or build the model with a preprocessor.")
+        batch = self.preprocessor.generate_preprocess(
+            [inputs] if isinstance(inputs, str) else list(inputs),
+            sequence_length=self.backbone.max_length + 1)
+        return {k: np.asarray(ops.convert_to_numpy(v))
+                for k, v in batch.items()}
+
+    def _token_prompts(self, inputs):
         if not isinstance(inputs, dict) or set(inputs) != {
                 "token_ids", "padding_mask"}:
             raise ValueError(
@@ -251,30 +277,18 @@ class ReformerCausalLM(ReformerTask):
                 "exactly the keys 'token_ids' and 'padding_mask'; received "
                 f"{type(inputs).__name__}"
                 f"{sorted(inputs) if isinstance(inputs, dict) else ''}.")
-        token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
-        mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"]))
-        if token_ids.ndim != 2 or mask.shape != token_ids.shape:
+        batch = {k: np.asarray(ops.convert_to_numpy(v))
+                 for k, v in inputs.items()}
+        shapes = [batch[k].shape for k in ("token_ids", "padding_mask")]
+        if len(shapes[0]) != 2 or shapes[1] != shapes[0]:
             raise ValueError(
                 "token_ids and padding_mask must both be (batch, length); "
-                f"received shapes {token_ids.shape} and {mask.shape}.")
-        length = token_ids.shape[1]
-        max_length = length if max_length is None else max_length
-        if max_length < length:
-            raise ValueError(
-                f"max_length={max_length} is shorter than the prompts' "
-                f"buffer length {length}.")
-        extra = ((0, 0), (0, max_length - length))
-        return {"token_ids": np.pad(token_ids, extra).astype("int32"),
-                "padding_mask": np.pad(mask, extra).astype("int32")}
+                f"received shapes {shapes[0]} and {shapes[1]}.")
+        check_token_values(batch)
+        return {k: v.astype("int32") for k, v in batch.items()}
 
     def _check_prompts(self, batch):
         token_ids, mask = batch["token_ids"], batch["padding_mask"].astype(bool)
-        capacity = self.backbone.max_length
-        if token_ids.shape[1] > capacity:
-            raise ValueError(
-                f"max_length={token_ids.shape[1]} exceeds the model's "
-                f"{capacity} positions (axial_shape="
-                f"{self.backbone.axial_shape}).")
         lengths = mask.sum(axis=1)
         if np.any(lengths == 0):
             raise ValueError(
@@ -289,6 +303,47 @@ class ReformerCausalLM(ReformerTask):
             raise ValueError(
                 f"token ids must be in [0, {vocabulary}); received prompt ids "
                 f"from {real.min()} to {real.max()}.")
+
+    def _fit_prompts(self, batch, max_length):
+        """The right-padded `batch` padded or cut to `max_length` columns,
+        after checking that every prompt fits in it and the model."""
+        capacity = self.backbone.max_length
+        if max_length > capacity:
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's {capacity} "
+                f"positions (axial_shape={self.backbone.axial_shape}).")
+        lengths = batch["padding_mask"].sum(axis=1)
+        longest = int(lengths.max()) if lengths.size else 0
+        if longest > max_length:
+            prompt = (f"{longest} tokens" if longest <= capacity
+                      else f"more than {capacity} tokens")
+            raise ValueError(
+                f"max_length={max_length} is shorter than the longest "
+                f"prompt (row {int(lengths.argmax())}: {prompt}); max_length "
+                "counts the prompt and the generated tokens.")
+        width = batch["token_ids"].shape[1]
+        extra = ((0, 0), (0, max(max_length - width, 0)))
+        return {k: np.pad(v[:, :max_length], extra) for k, v in batch.items()}
+
+    def _stop_tuple(self, stop_token_ids):
+        """`stop_token_ids` (None, an id or ids) as None or a tuple."""
+        if stop_token_ids is None:
+            return None
+        is_one_id = isinstance(stop_token_ids, (int, np.integer))
+        stops = [stop_token_ids] if is_one_id else stop_token_ids
+        vocabulary = self.backbone.vocabulary_size
+        try:
+            stops = tuple(stops)
+        except TypeError:
+            stops = None
+        if not stops or not all(
+                isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                and 0 <= s < vocabulary for s in stops):
+            raise ValueError(
+                f"stop_token_ids must be None, a token id or a non-empty list "
+                f"of token ids in [0, {vocabulary}); received stop_token_ids="
+                f"{stop_token_ids!r}.")
+        return tuple(int(s) for s in stops)
 
     def get_config(self):
         return {**self.task_config(),

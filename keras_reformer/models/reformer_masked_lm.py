@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.token_id_check import checked_indices
+from keras_reformer.layers.token_id_check import raise_unless
 from keras_reformer.models.reformer_task import ReformerTask
 
 
@@ -64,10 +65,21 @@ class GatherPositions(keras.layers.Layer):
 
     Positions outside `[0, length)` raise where the backend can and make
     their rows NaN under XLA (as `TokenIdCheck` does for token ids), never
-    a silently clamped row.
+    a silently clamped row. `positions` must have the batch size of
+    `features` (it is not broadcast).
     """
 
     def call(self, features, positions):
+        batches = (ops.shape(positions)[0], ops.shape(features)[0])
+        message = "mask_positions must have the batch size of token_ids"
+        if all(isinstance(batch, int) for batch in batches):
+            if batches[0] != batches[1]:
+                raise ValueError(
+                    f"{message}; received a mask_positions batch of "
+                    f"{batches[0]} and a token_ids batch of {batches[1]}.")
+        else:
+            positions = raise_unless(ops.equal(*batches), batches[0],
+                                     message, positions)
         length = ops.shape(features)[1]
         positions, factor = checked_indices(
             positions, length,

@@ -3,14 +3,35 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.token_id_check import MASK_RULE
+from keras_reformer.layers.token_id_check import mask_values_valid
+from keras_reformer.layers.token_id_check import raise_unless
+from keras_reformer.layers.token_id_check import value_error
+
+# Integer dtypes whose every value survives the cast to int32.
+INT32_SAFE = ("int8", "int16", "int32", "uint8", "uint16")
+
 
 class TokenInputsMixin:
-    """Rejects non-integral `token_ids` before Keras casts them.
+    """Checks `token_ids`, `padding_mask` and `mask_positions` before Keras
+    casts them to int32.
 
     A functional model casts its inputs to the dtype of its `keras.Input`
-    (int32), which would silently truncate an id such as 1.5 to 1. Integral
-    values in a float dtype pass (Keras's own input pipelines may convert
-    integer arrays to floats, for instance under `tf.distribute`).
+    (int32), which would silently read a token id 1.5 as 1, an int64 id
+    `2**32 + 5` as 5 and a mask value 0.5 as padding. So ids and positions
+    must be whole numbers in the int32 range (whole numbers in a float dtype
+    pass: Keras's own input pipelines may convert integer arrays to floats,
+    for instance under `tf.distribute`) and masks must hold only 0 and 1
+    (the package's rule, see `checked_mask`). A bad value raises where the
+    backend can (`raise_unless`); under XLA, which drops assertions, a bad
+    id or mask value turns its row's token ids into -1 and a bad position
+    into -1, which the range checks after the cast make NaN outputs.
+
+    `predict` checks that a dict of arrays has one batch size (Keras's own
+    check fails on a dict of them) and fits the model's positions, and on
+    JAX a `predict` that raises
+    keeps the model's weights (Keras 3.15 detaches them for its loop and
+    reattaches them only on success).
 
     `training` and `mask` are named in the signature: Keras passes the
     training flag on to the layers inside only to a `call` that names it.
@@ -18,24 +39,106 @@ class TokenInputsMixin:
 
     def call(self, inputs, training=None, mask=None):
         if isinstance(inputs, dict) and "token_ids" in inputs:
-            token_ids = inputs["token_ids"]
-            dtype = keras.backend.standardize_dtype(token_ids.dtype)
-            if "float" in dtype:
-                inputs = dict(inputs, token_ids=_integral(token_ids, dtype))
+            inputs = checked_token_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
 
+    def predict(self, x, *args, **kwargs):
+        if isinstance(x, dict):
+            self._check_arrays(x)
+        if keras.backend.backend() != "jax":
+            return super().predict(x, *args, **kwargs)
+        values = [variable.value for variable in self.variables]
+        try:
+            return super().predict(x, *args, **kwargs)
+        except BaseException:
+            for variable, value in zip(self.variables, values):
+                variable.assign(value)
+            raise
 
-def _integral(token_ids, dtype):
-    """`token_ids`, after checking that every value is a whole number."""
-    message = f"token_ids must be whole numbers; received dtype {dtype} "
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    def _check_arrays(self, x):
+        """Checks a dict of arrays before Keras's predict loop: one batch
+        size, and no more tokens than the model's positions (a traced
+        predict step would fail in a gather instead)."""
+        shapes = {k: v.shape for k, v in x.items()
+                  if getattr(v, "shape", None)}
+        batches = {k: shape[0] for k, shape in shapes.items()}
+        if len(set(batches.values())) > 1:
+            raise ValueError("The inputs must have one batch size; received "
+                             f"batch sizes {batches}.")
+        if len(shapes.get("token_ids", ())) == 2:
+            backbone = getattr(self, "backbone", self)
+            backbone.position_embedding.check_length(
+                shapes["token_ids"][1])
 
-        whole = tf.reduce_all(tf.equal(token_ids, tf.floor(token_ids)))
-        check = tf.debugging.Assert(whole, [message + "with fractions"])
-        with tf.control_dependencies([check]):
-            return tf.identity(token_ids)
-    values = ops.convert_to_numpy(token_ids)
-    if (values != values.round()).any():
-        raise ValueError(message + f"with fractions such as {values.max()}.")
-    return token_ids
+
+def checked_token_inputs(inputs):
+    """`inputs` with int32 `token_ids`, `padding_mask` and `mask_positions`
+    (those present), checked as `TokenInputsMixin` describes.
+
+    Raises:
+        ValueError: an input's dtype is not allowed (strings, say).
+    """
+    inputs = dict(inputs)
+    valid_rows = None
+    for name, valid, message in _value_checks(inputs):
+        values = raise_unless(valid, inputs[name], message, inputs[name])
+        if name == "mask_positions":
+            inputs[name] = ops.where(valid, ops.cast(values, "int32"), -1)
+            continue
+        inputs[name] = ops.cast(values, "int32")
+        row_valid = ops.all(valid, axis=-1, keepdims=True)
+        valid_rows = row_valid if valid_rows is None else ops.logical_and(
+            valid_rows, row_valid)
+    if valid_rows is not None:
+        inputs["token_ids"] = ops.where(valid_rows, inputs["token_ids"], -1)
+    return inputs
+
+
+def check_token_values(inputs):
+    """Raises `ValueError` where the numpy `inputs` fail the checks of
+    `checked_token_inputs` (what `generate()` runs on its prompts)."""
+    for name, valid, message in _value_checks(inputs):
+        valid = ops.convert_to_numpy(valid)
+        if not valid.all():
+            raise value_error(message, inputs[name], valid)
+
+
+def _value_checks(inputs):
+    """`(name, valid, message)` for each input of `inputs` whose dtype
+    allows bad values (see `_valid_values`)."""
+    for name in ("token_ids", "padding_mask", "mask_positions"):
+        if name in inputs:
+            valid, message = _valid_values(name, inputs[name])
+            if valid is not None:
+                yield name, valid, message
+
+
+def _valid_values(name, values):
+    """`(valid, message)`: a bool tensor, True where `values` can be read as
+    `name`, and the error for the others; `(None, None)` when its dtype
+    allows no bad value."""
+    dtype = getattr(values, "dtype", None)
+    try:
+        dtype = keras.backend.standardize_dtype(dtype)
+    except ValueError:
+        pass
+    is_mask = name == "padding_mask"
+    allowed = ("bool", "int", "uint", "float", "bfloat16") if is_mask else (
+        "int", "uint", "float", "bfloat16")
+    if not (isinstance(dtype, str) and dtype.startswith(allowed)):
+        raise ValueError(
+            f"{name} must be a tensor of {'bools, ' if is_mask else ''}"
+            f"integers or whole numbers in a float dtype; received dtype "
+            f"{dtype}.")
+    if dtype == "bool" or (dtype in INT32_SAFE and not is_mask):
+        return None, None
+    if is_mask:
+        return mask_values_valid(values), (
+            f"{name} {MASK_RULE} (received dtype {dtype})")
+    valid = values < 2**31
+    if not dtype.startswith("uint"):
+        valid = ops.logical_and(valid, values >= -2**31)
+    if not dtype.startswith(("int", "uint")):
+        valid = ops.logical_and(valid, ops.equal(values, ops.floor(values)))
+    return valid, (f"{name} must be whole numbers in the int32 range "
+                   f"[-2**31, 2**31) (received dtype {dtype})")
