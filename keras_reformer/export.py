@@ -132,8 +132,15 @@ def _serving_function(model, padded):
     if "mask_positions" in model.input:  # a ReformerMaskedLM
         names.append("mask_positions")
 
+    positions = getattr(model, "backbone", model).position_embedding
+
     def serve(*tensors):
         inputs = dict(zip(names, tensors))
+        # The Python model names the limit; the graph would fail in a gather.
+        tf.debugging.assert_less_equal(
+            tf.shape(inputs["token_ids"])[1], positions.max_length,
+            message=f"token_ids are longer than the {positions.max_length} "
+            f"positions of axial_shape={positions.axial_shape}")
         if not padded:
             inputs["padding_mask"] = tf.ones_like(inputs["token_ids"])
         logits = model(inputs, training=False)

@@ -232,6 +232,18 @@ def test_out_of_range_token_ids_raise_also_when_served(served_lm):
             serve(token_ids=tf.constant(ids))
 
 
+def test_a_too_long_input_served_names_the_positions(served_lm):
+    model, _, signatures = served_lm
+    ids = np.ones((1, model.backbone.max_length + 1), "int32")
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"token_ids are longer than the 64 positions "
+                             r"of axial_shape=\(8, 8\)"):
+        signatures["serving_default"](token_ids=tf.constant(ids))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="longer than"):
+        signatures["serve_padded"](token_ids=tf.constant(ids),
+                                   padding_mask=tf.constant(ids))
+
+
 def test_served_model_gives_identical_answers_under_concurrent_calls(
         served_lm):
     _, ids, signatures = served_lm
