@@ -155,7 +155,7 @@ def test_learns_to_use_context_on_the_corpus():
                                         repeat=True),
             steps_per_epoch=300, epochs=1, verbose=0)
     loss = mlm.evaluate(text_data.masked_lm_dataset(held_out, 64, 32),
-                        verbose=0)
+                        verbose=0, return_dict=True)["loss"]
     counts = np.bincount(np.frombuffer(held_out, np.uint8), minlength=256)
     p = counts[counts > 0] / counts.sum()
     unigram_nats = float(-(p * np.log(p)).sum())

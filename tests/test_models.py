@@ -128,7 +128,8 @@ def test_training_flag_reaches_the_layers_inside(model_class):
                           from_logits=True))
         fit_loss = model.fit(x, y, batch_size=4, epochs=1,
                              verbose=0).history["loss"][0]
-        evaluate_loss = model.evaluate(x, y, batch_size=4, verbose=0)
+        evaluate_loss = model.evaluate(x, y, batch_size=4, verbose=0,
+                                       return_dict=True)["loss"]
         assert abs(fit_loss - evaluate_loss) > 0.05, (fit_loss, evaluate_loss)
 
 

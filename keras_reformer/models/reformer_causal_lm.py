@@ -6,30 +6,33 @@ import numpy as np
 from keras import ops
 
 from keras_reformer.layers.validation import check_positive_int
+from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_task import ReformerTask
 from keras_reformer.models.token_inputs import check_token_values
-from keras_reformer.text_data import as_text
 
 # The keras-hub samplers `compile(sampler=...)` takes by name.
 SAMPLERS = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerCausalLM(ReformerTask):
+class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
     """Causal language model: backbone features -> next-token logits.
 
     Takes the backbone's inputs (`token_ids`, `padding_mask`) and returns
-    logits `(batch, length, vocabulary_size)`. `generate()` samples with a
-    keras-hub sampler (set by `compile(sampler=...)`, default top-k) and
-    decodes incrementally: each layer caches what later tokens need (keys,
-    values, and for LSH the buckets and sorted order of every round), so a
-    new token costs one position's work, not a pass over the sequence.
+    logits `(batch, length, vocabulary_size)`. A keras-hub `CausalLM`:
+    compiled on construction with its defaults, `compile(sampler=...)`,
+    `generate()` on strings (with a preprocessor), on a dict of token ids
+    or on a `tf.data.Dataset`, presets (`save_to_preset`, `from_preset`).
+    What is Reformer-specific is the decoding: each layer caches what later
+    tokens need (keys, values, and for LSH the buckets and sorted order of
+    every round), so a new token costs one position's work, not a pass over
+    the sequence (`call_with_cache`, `build_cache`, `generate_step`).
 
     Args:
         backbone: a causal `ReformerBackbone`.
         preprocessor: optional `keras_hub.models.CausalLMPreprocessor`
             (e.g. `keras_reformer.text_data.byte_preprocessor()`); lets
-            `generate()` take and return strings.
+            `fit` and `generate()` take strings.
 
     Example:
     >>> from keras_reformer.models import ReformerBackbone
@@ -44,6 +47,8 @@ class ReformerCausalLM(ReformerTask):
     >>> lm.generate("def ", max_length=32).startswith("def ")
     True
     """
+
+    backbone_cls = ReformerBackbone
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if not backbone.causal:
@@ -60,30 +65,26 @@ class ReformerCausalLM(ReformerTask):
                 f"preprocessor with sequence_length <= {backbone.max_length} "
                 f"(e.g. byte_preprocessor({backbone.max_length})).")
         # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
         self.lm_head = keras.layers.Dense(
             backbone.vocabulary_size, dtype=backbone.dtype_policy,
             name="lm_head")
+
         # === Functional Model ===
         inputs = backbone.input
         logits = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-        self.sampler = keras_hub.samplers.get("top_k")
-        self.generate_function = None
 
     def compile(self, *args, sampler="top_k", **kwargs):
-        """`keras.Model.compile`, plus the keras-hub `sampler` (one of
-        `SAMPLERS` or a `keras_hub.samplers.Sampler`) that `generate()`
-        uses."""
+        """keras-hub's `CausalLM.compile`, refusing an unknown `sampler`
+        (one of `SAMPLERS` or a `keras_hub.samplers.Sampler`) at once."""
         if not (sampler in SAMPLERS if isinstance(sampler, str) else
                 isinstance(sampler, keras_hub.samplers.Sampler)):
             raise ValueError(
                 f"sampler must be one of {SAMPLERS} or a "
                 f"keras_hub.samplers.Sampler; received sampler={sampler!r}.")
-        super().compile(*args, **kwargs)
-        self.sampler = keras_hub.samplers.get(sampler)
-        self.generate_function = None
+        super().compile(*args, sampler=sampler, **kwargs)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -92,11 +93,11 @@ class ReformerCausalLM(ReformerTask):
         return config
 
     def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(dict(config))
-        sampler = keras_hub.samplers.deserialize(config.pop("sampler"))
-        self.compile(**config, sampler=sampler)
-        if self.optimizer is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
+        config = dict(config)
+        sampler = config.pop("sampler", None)
+        super().compile_from_config(config)
+        if sampler is not None:
+            self.sampler = keras_hub.samplers.deserialize(sampler)
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Logits of one new token from the cache (keras-hub's interface).
@@ -162,102 +163,65 @@ class ReformerCausalLM(ReformerTask):
                 "padding_mask": _before_stop(token_ids, prompt_mask,
                                              stop_token_ids)}
 
-    def make_generate_function(self):
-        """`generate_step` compiled with XLA (TensorFlow, JAX), or eager
-        when the model runs eagerly."""
-        if self.generate_function is not None:
-            return self.generate_function
-        backend = keras.backend.backend()
-        if self.run_eagerly or backend not in ("tensorflow", "jax"):
-            self.generate_function = self.generate_step
-        elif backend == "tensorflow":
-            import tensorflow as tf
-
-            self.generate_function = tf.function(self.generate_step,
-                                                 jit_compile=True)
-        else:
-            self.generate_function = self._jax_generate_function()
-        return self.generate_function
-
-    def _jax_generate_function(self):
-        import jax
-
-        def stateless(inputs, stop_token_ids, state):
-            mapping = list(zip(self.sampler.variables, state[0])) + list(
-                zip(self.variables, state[1]))
-            with keras.StatelessScope(state_mapping=mapping) as scope:
-                outputs = self.generate_step(inputs, stop_token_ids)
-            sampler_state = [scope.get_current_value(v) for v in
-                             self.sampler.variables]
-            return outputs, sampler_state
-
-        compiled = jax.jit(stateless, static_argnames=["stop_token_ids"])
-
-        def generate_function(inputs, stop_token_ids=None):
-            state = ([v.value for v in self.sampler.variables],
-                     [v.value for v in self.variables])
-            outputs, sampler_state = compiled(inputs, stop_token_ids, state)
-            for variable, value in zip(self.sampler.variables,
-                                       sampler_state):
-                variable.assign(value)  # the sampler's seed moves on
-            return outputs
-
-        return generate_function
-
-    def generate(self, inputs, max_length=None, stop_token_ids=None,
+    def generate(self, inputs, max_length=None, stop_token_ids="auto",
                  strip_prompt=False):
-        """Continues each prompt up to `max_length` tokens.
+        """keras-hub's `CausalLM.generate`, with every prompt checked first.
 
         Args:
-            inputs: a string or list of strings (needs a `preprocessor`), or
-                a dict of `token_ids` and `padding_mask` `(batch, length)`
-                (right-padded prompts, ids whole numbers, mask 0s and 1s).
+            inputs: a string or list of strings (needs a `preprocessor`), a
+                `tf.data.Dataset` of them, or a dict of `token_ids` and
+                `padding_mask` `(batch, length)` (right-padded prompts, ids
+                whole numbers, mask 0s and 1s).
             max_length: int, total tokens per row (prompt included), at
                 least the longest prompt; default the preprocessor's
-                `sequence_length` or the buffer length.
-            stop_token_ids: None, a token id, or a list of ids that end a
-                row.
-            strip_prompt: bool, return only the generated part.
+                `sequence_length` or the dict's length.
+            stop_token_ids: "auto" (the tokenizer's end token, if it has
+                one), None, a token id, or a list of ids that end a row.
+            strip_prompt: bool, return only the generated part (for a dict:
+                `padding_mask` False over the prompt).
 
         Returns:
             Strings for string inputs; otherwise a dict of numpy `token_ids`
-            and `padding_mask` (False after a stop token, or for the prompt
-            with `strip_prompt`).
+            and `padding_mask` (False after a stop token).
+
+        Raises:
+            ValueError: a prompt longer than `max_length` or the model (it
+                would be cut), bad ids or masks, or a bad argument.
         """
-        is_text = isinstance(inputs, str) or (
-            isinstance(inputs, (list, tuple)) and inputs
-            and all(isinstance(x, str) for x in inputs))
         if max_length is not None:
             if isinstance(max_length, np.integer):
                 max_length = int(max_length)
             check_positive_int("max_length", max_length)
         stop = self._stop_tuple(stop_token_ids)
-        if is_text:
-            batch = self._text_prompts(inputs)
-            default_length = self.preprocessor.sequence_length
-        else:
-            batch = self._token_prompts(inputs)
-            default_length = batch["token_ids"].shape[1]
+        if isinstance(inputs, dict):
+            return self._generate_from_ids(inputs, max_length, stop,
+                                           strip_prompt)
+        if isinstance(inputs, str) or (
+                isinstance(inputs, (list, tuple)) and inputs
+                and all(isinstance(x, str) for x in inputs)):
+            self._check_text_prompts(inputs, max_length)
+        return super().generate(inputs, max_length=max_length,
+                                stop_token_ids=stop,
+                                strip_prompt=strip_prompt)
+
+    def _generate_from_ids(self, inputs, max_length, stop, strip_prompt):
+        batch = self._token_prompts(inputs)
         self._check_prompts(batch)
         batch = self._fit_prompts(
-            batch, default_length if max_length is None else max_length)
+            batch, batch["token_ids"].shape[1] if max_length is None
+            else max_length)
         outputs = self.make_generate_function()(
             {k: ops.convert_to_tensor(v, "int32") for k, v in batch.items()},
-            stop)
+            stop_token_ids=stop)
         outputs = {k: ops.convert_to_numpy(v) for k, v in outputs.items()}
         if strip_prompt:
             outputs["padding_mask"] = np.logical_and(
                 outputs["padding_mask"], batch["padding_mask"] == 0)
-        if not is_text:
-            return outputs
-        detokenize = self.preprocessor.tokenizer.detokenize
-        texts = [as_text(detokenize(ids[mask])) for ids, mask in
-                 zip(outputs["token_ids"], outputs["padding_mask"])]
-        return texts[0] if isinstance(inputs, str) else texts
+        return outputs
 
-    def _text_prompts(self, inputs):
-        """The prompts' ids and mask, one position wider than the model,
-        so that a prompt too long to serve is counted, never cut."""
+    def _check_text_prompts(self, inputs, max_length):
+        """Tokenizes the prompts one position wider than the model (so a
+        prompt too long is counted, never cut) and checks them."""
         if self.preprocessor is None:
             raise ValueError(
                 "generate() received text but this ReformerCausalLM has "
@@ -266,8 +230,11 @@ class ReformerCausalLM(ReformerTask):
         batch = self.preprocessor.generate_preprocess(
             [inputs] if isinstance(inputs, str) else list(inputs),
             sequence_length=self.backbone.max_length + 1)
-        return {k: np.asarray(ops.convert_to_numpy(v))
-                for k, v in batch.items()}
+        batch = {k: np.asarray(ops.convert_to_numpy(v))
+                 for k, v in batch.items()}
+        self._check_prompts(batch)
+        self._fit_prompts(batch, self.preprocessor.sequence_length
+                          if max_length is None else max_length)
 
     def _token_prompts(self, inputs):
         if not isinstance(inputs, dict) or set(inputs) != {
@@ -326,7 +293,11 @@ class ReformerCausalLM(ReformerTask):
         return {k: np.pad(v[:, :max_length], extra) for k, v in batch.items()}
 
     def _stop_tuple(self, stop_token_ids):
-        """`stop_token_ids` (None, an id or ids) as None or a tuple."""
+        """`stop_token_ids` ("auto", None, an id or ids) as None or a
+        tuple; "auto" is the tokenizer's end token, if it has one."""
+        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
+            tokenizer = getattr(self.preprocessor, "tokenizer", None)
+            stop_token_ids = getattr(tokenizer, "end_token_id", None)
         if stop_token_ids is None:
             return None
         is_one_id = isinstance(stop_token_ids, (int, np.integer))
@@ -344,19 +315,6 @@ class ReformerCausalLM(ReformerTask):
                 f"of token ids in [0, {vocabulary}); received stop_token_ids="
                 f"{stop_token_ids!r}.")
         return tuple(int(s) for s in stops)
-
-    def get_config(self):
-        return {**self.task_config(),
-                "preprocessor": keras.layers.serialize(self.preprocessor)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        if config.get("preprocessor") is not None:
-            config["preprocessor"] = keras.layers.deserialize(
-                config["preprocessor"])
-        return super().from_config(config)
-
 
 def _before_stop(token_ids, prompt_mask, stop_token_ids):
     """False after the first generated stop token of each row."""

@@ -1,18 +1,27 @@
 """Sequence classifier on a bidirectional `ReformerBackbone`."""
 
 import keras
+import keras_hub
 from keras import ops
 
+from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_task import ReformerTask
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerClassifier(ReformerTask):
+class ReformerClassifier(ReformerTask, keras_hub.models.TextClassifier):
     """Sequence classifier: mean of the valid tokens' features -> logits.
+
+    A keras-hub `TextClassifier`: compiled on construction with its
+    defaults (Adam, sparse categorical cross-entropy, accuracy), saved as a
+    preset with `save_to_preset`.
 
     Args:
         backbone: a bidirectional (`causal=False`) `ReformerBackbone`.
         num_classes: int, number of classes.
+        preprocessor: None, or a keras-hub preprocessor for raw inputs.
+        activation: None (logits) or an activation of the outputs, such as
+            "softmax".
         dropout: float, dropout before the classification layer.
 
     Example:
@@ -22,27 +31,49 @@ class ReformerClassifier(ReformerTask):
     ...     intermediate_dim=64, axial_shape=(8, 16), causal=False,
     ...     attention_options={"lsh": {"chunk_length": 16,
     ...                                "num_chunks_after": 1}}), num_classes=3)
+    >>> ids = keras.ops.ones((2, 20), "int32")
+    >>> classifier({"token_ids": ids, "padding_mask": ids}).shape
+    TensorShape([2, 3])
     """
 
-    def __init__(self, backbone, num_classes, dropout=0.0, **kwargs):
+    backbone_cls = ReformerBackbone
+
+    def __init__(self, backbone, num_classes, preprocessor=None,
+                 activation=None, dropout=0.0, **kwargs):
         if backbone.causal:
             raise ValueError(
                 "ReformerClassifier needs a bidirectional backbone; received "
                 "a backbone with causal=True.")
-        inputs = backbone.input
-        features = backbone(inputs)
-        pooled = MaskedMeanPooling(name="pooling")(
-            features, inputs["padding_mask"])
-        pooled = keras.layers.Dropout(dropout, name="head_dropout")(pooled)
-        logits = keras.layers.Dense(num_classes, name="logits")(pooled)
-        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        # === Layers ===
         self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.pooling = MaskedMeanPooling(dtype=backbone.dtype_policy,
+                                         name="pooling")
+        self.output_dropout = keras.layers.Dropout(
+            dropout, dtype=backbone.dtype_policy, name="output_dropout")
+        self.output_dense = keras.layers.Dense(
+            num_classes, activation=activation, dtype=backbone.dtype_policy,
+            name="logits")
+
+        # === Functional Model ===
+        inputs = backbone.input
+        pooled = self.pooling(backbone(inputs), inputs["padding_mask"])
+        outputs = self.output_dense(self.output_dropout(pooled))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
         self.num_classes = num_classes
+        self.activation = keras.activations.get(activation)
         self.dropout = dropout
 
     def get_config(self):
-        return {**self.task_config(), "num_classes": self.num_classes,
-                "dropout": self.dropout}
+        config = super().get_config()
+        config.update({
+            "num_classes": self.num_classes,
+            "activation": keras.activations.serialize(self.activation),
+            "dropout": self.dropout,
+        })
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")

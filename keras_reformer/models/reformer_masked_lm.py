@@ -1,15 +1,17 @@
 """Masked language model on a bidirectional `ReformerBackbone`."""
 
 import keras
+import keras_hub
 from keras import ops
 
 from keras_reformer.layers.token_id_check import checked_indices
 from keras_reformer.layers.token_id_check import raise_unless
+from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_task import ReformerTask
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerMaskedLM(ReformerTask):
+class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
     """Masked language model: features at `mask_positions` -> token logits.
 
     Takes the backbone's inputs (`token_ids`, with the selected tokens
@@ -19,10 +21,14 @@ class ReformerMaskedLM(ReformerTask):
     are projected onto the vocabulary, so a long sequence never holds
     `(length, vocabulary)` logits. `text_data.masked_lm_dataset` makes
     training examples from bytes; the pretrained `backbone` can then be put
-    under a `ReformerClassifier`.
+    under a `ReformerClassifier`. A keras-hub `MaskedLM`: compiled on
+    construction with its defaults, saved as a preset with
+    `save_to_preset`.
 
     Args:
         backbone: a bidirectional (`causal=False`) `ReformerBackbone`.
+        preprocessor: None, or a keras-hub masked-LM preprocessor for raw
+            inputs.
 
     Example:
     >>> from keras_reformer.models import ReformerBackbone
@@ -38,25 +44,31 @@ class ReformerMaskedLM(ReformerTask):
     (2, 2, 257)
     """
 
-    def __init__(self, backbone, **kwargs):
+    backbone_cls = ReformerBackbone
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
         if backbone.causal:
             raise ValueError(
                 "ReformerMaskedLM needs a bidirectional backbone; received "
                 "a backbone with causal=True.")
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.gather_masked = GatherPositions(dtype=backbone.dtype_policy,
+                                             name="gather_masked")
+        self.mlm_head = keras.layers.Dense(
+            backbone.vocabulary_size, dtype=backbone.dtype_policy,
+            name="mlm_head")
+
+        # === Functional Model ===
         inputs = dict(backbone.input)
         inputs["mask_positions"] = keras.Input(
             (None,), dtype="int32", name="mask_positions")
         features = backbone({"token_ids": inputs["token_ids"],
                              "padding_mask": inputs["padding_mask"]})
-        masked = GatherPositions(name="gather_masked")(
-            features, inputs["mask_positions"])
-        logits = keras.layers.Dense(backbone.vocabulary_size,
-                                    name="mlm_head")(masked)
+        logits = self.mlm_head(self.gather_masked(features,
+                                                  inputs["mask_positions"]))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
-        self.backbone = backbone
-
-    def get_config(self):
-        return self.task_config()
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")

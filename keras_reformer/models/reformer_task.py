@@ -1,21 +1,17 @@
-"""Base of the task models: a functional model on a `ReformerBackbone`."""
+"""What every Reformer task adds to its keras-hub task class."""
 
 import keras
 
 from keras_reformer.models.token_inputs import TokenInputsMixin
 
 
-class ReformerTask(TokenInputsMixin, keras.Model):
-    """A functional model on top of a `ReformerBackbone`, which its config
-    holds serialised (keras-hub's task pattern)."""
+class ReformerTask(TokenInputsMixin):
+    """Mixed in before a keras-hub task class (`CausalLM`, `MaskedLM`,
+    `TextClassifier`): the input checks of `TokenInputsMixin`, and a
+    `.keras` file's compile state restored on loading (keras-hub's tasks
+    override `compile`, so Keras would skip it)."""
 
-    def task_config(self):
-        """The config entries every task has: name and backbone."""
-        return {"name": self.name, "trainable": self.trainable,
-                "backbone": keras.layers.serialize(self.backbone)}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(dict(config)))
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
