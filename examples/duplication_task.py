@@ -35,6 +35,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
@@ -93,14 +94,22 @@ def second_half_accuracy(model, batches):
 
 def training_batches(args, first_step=0):
     """The endless training stream from batch `first_step` on (a resumed
-    run skips the batches it has already trained on)."""
-    rng = np.random.RandomState(args.seed)
-    for _ in range(first_step):
-        duplication_batch(rng, args.batch_size, args.length,
-                          args.vocabulary_size)
-    while True:
-        yield duplication_batch(rng, args.batch_size, args.length,
-                                args.vocabulary_size)
+    run skips the batches it has already trained on), as a `tf.data`
+    dataset (keras-hub tasks take datasets, not Python generators)."""
+
+    def batches():
+        rng = np.random.RandomState(args.seed)
+        for _ in range(first_step):
+            duplication_batch(rng, args.batch_size, args.length,
+                              args.vocabulary_size)
+        while True:
+            yield duplication_batch(rng, args.batch_size, args.length,
+                                    args.vocabulary_size)
+
+    ids = tf.TensorSpec((args.batch_size, args.length - 1), tf.int32)
+    return tf.data.Dataset.from_generator(batches, output_signature=(
+        {"token_ids": ids, "padding_mask": ids}, ids,
+        tf.TensorSpec(ids.shape, tf.float32)))
 
 
 def run(args):

@@ -293,7 +293,7 @@ def build_model(args):
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[BitsPerByte()],
+        metrics=[BitsPerByte()], weighted_metrics=None,
         jit_compile=args.jit_compile or args.strategy == "tpu",
         steps_per_execution=args.steps_per_execution,
         sampler=keras_hub.samplers.TopKSampler(k=10, seed=args.seed))

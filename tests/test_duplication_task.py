@@ -59,11 +59,10 @@ def test_full_attention_model_is_evaluated_with_lsh_on_its_weights():
 def test_training_batches_resume_where_the_stream_left_off():
     args = duplication_task.parse_args(["--length", "16", "--batch-size",
                                         "2"])
-    stream = duplication_task.training_batches(args)
-    from_start = [next(stream) for _ in range(5)]
-    resumed = duplication_task.training_batches(args, first_step=3)
-    for expected in from_start[3:]:
-        np.testing.assert_array_equal(next(resumed)[1], expected[1])
+    from_start = list(duplication_task.training_batches(args).take(5))
+    resumed = duplication_task.training_batches(args, first_step=3).take(2)
+    for batch, expected in zip(resumed, from_start[3:]):
+        np.testing.assert_array_equal(batch[1], expected[1])
 
 
 def test_a_run_resumes_from_its_checkpoint(tmp_path):

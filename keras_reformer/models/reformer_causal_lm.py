@@ -7,6 +7,8 @@ from keras import ops
 
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
+from keras_reformer.models.reformer_causal_lm_preprocessor import (
+    ReformerCausalLMPreprocessor)
 from keras_reformer.models.reformer_task import ReformerTask
 from keras_reformer.models.token_inputs import check_token_values
 
@@ -49,6 +51,7 @@ class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
     """
 
     backbone_cls = ReformerBackbone
+    preprocessor_cls = ReformerCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if not backbone.causal:

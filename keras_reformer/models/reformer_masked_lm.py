@@ -7,6 +7,8 @@ from keras import ops
 from keras_reformer.layers.token_id_check import checked_indices
 from keras_reformer.layers.token_id_check import raise_unless
 from keras_reformer.models.reformer_backbone import ReformerBackbone
+from keras_reformer.models.reformer_masked_lm_preprocessor import (
+    ReformerMaskedLMPreprocessor)
 from keras_reformer.models.reformer_task import ReformerTask
 
 
@@ -45,6 +47,7 @@ class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
     """
 
     backbone_cls = ReformerBackbone
+    preprocessor_cls = ReformerMaskedLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if backbone.causal:

@@ -5,11 +5,11 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from keras_reformer.bert_masking import mask_tokens
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_tokenizer import NUM_BYTES
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
-from keras_reformer.text_data import mask_tokens
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
@@ -18,7 +18,7 @@ class ReformerMaskedLMPreprocessor(keras_hub.models.MaskedLMPreprocessor):
 
     Tokenizes strings, pads them with the tokenizer's pad id to
     `sequence_length` (no start or end token) and masks them as
-    `text_data.masked_lm_dataset` does (`text_data.mask_tokens`): each row
+    `text_data.masked_lm_dataset` does (`bert_masking.mask_tokens`): each row
     selects `round(mask_selection_rate * n)` of its `n` tokens (at least
     one, at most `mask_selection_length`), never padding; a selected token
     becomes the tokenizer's mask id with probability `mask_token_rate`, a
