@@ -469,10 +469,13 @@ def export_and_check(model, path, inputs):
     with the Python model's on `inputs`; exits if they differ by 1e-3."""
     path = export_for_serving(model, path)
     print(f"Exported the SavedModel {path} (signatures serving_default: "
-          "int32 token_ids (batch, length) -> logits; generate: prompts and "
-          "sampling settings -> token ids)", flush=True)
+          "int32 token_ids and padding_mask (batch, length) -> logits; "
+          "generate: prompts and sampling settings -> token ids)",
+          flush=True)
     served = tf.saved_model.load(path).signatures["serving_default"]
-    logits = served(token_ids=tf.constant(inputs["token_ids"]))["logits"]
+    logits = served(
+        token_ids=tf.constant(inputs["token_ids"]),
+        padding_mask=tf.constant(inputs["padding_mask"]))["logits"]
     expected = model(inputs, training=False)
     difference = float(np.max(np.abs(logits.numpy() - np.asarray(expected))))
     print(f"Reloaded SavedModel vs Python model logits on "

@@ -13,8 +13,9 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from keras_reformer.models.reformer_task import ReformerTask
+
 SERVING_ENDPOINT = "serve"
-PADDED_SERVING_ENDPOINT = "serve_padded"
 GENERATE_ENDPOINT = "generate"
 GENERATE_SIGNATURE = [
     tf.TensorSpec((None, None), tf.int32, name="token_ids"),
@@ -29,21 +30,19 @@ GENERATE_SIGNATURE = [
 def export_for_serving(model, path, verbose=False):
     """Writes `model` as a TF SavedModel for serving.
 
-    The signature `serving_default` takes `token_ids`, int32 `(batch,
-    length)` with any batch size and any length up to the model's maximum,
-    treats every token as real (padding mask of ones) and returns the
-    model's output as `{"logits": float32}`: `(batch, length, vocabulary)`
-    for a `ReformerCausalLM`, `(batch, classes)` for a `ReformerClassifier`;
-    a `ReformerMaskedLM`'s signature also takes int32 `mask_positions`
-    `(batch, masked)` and returns `(batch, masked, vocabulary)`. The
-    signature `serve_padded` takes the same inputs plus int32
-    `padding_mask` `(batch, length)` (1: real token, 0: padding; any other
-    value is an `InvalidArgumentError`), for a batch of sequences of
-    different lengths: each row's logits at its real positions are those
-    of the row served alone. The model
-    runs with `training=False`, so LSH layers hash with their fixed
-    rotations and the outputs are deterministic. Loading
-    needs only TensorFlow, not keras_reformer (TF Serving's case).
+    The signature `serving_default` takes the task's `serving_inputs`,
+    int32 with any batch size and any length up to the model's maximum:
+    `token_ids` and `padding_mask` `(batch, length)` (1: real token, 0:
+    padding, anywhere; any other value is an `InvalidArgumentError`), and
+    for a `ReformerMaskedLM` `mask_positions` `(batch, masked)`. It returns
+    the model's output as `{"logits": float32}`: `(batch, length,
+    vocabulary)` for a `ReformerCausalLM`, `(batch, classes)` for a
+    `ReformerClassifier`, `(batch, masked, vocabulary)` for a
+    `ReformerMaskedLM`. A padded batch gives each row, at its real
+    positions, the logits of the row served alone. The model runs with
+    `training=False`, so LSH layers hash with their fixed rotations and the
+    outputs are deterministic. Loading needs only TensorFlow, not
+    keras_reformer (TF Serving's case).
 
     A `ReformerCausalLM` also gets the signature `generate` (cached
     decoding): int32 `token_ids` and `padding_mask` `(batch, width)` (each
@@ -66,8 +65,8 @@ def export_for_serving(model, path, verbose=False):
     `python examples/saved_lm.py export MODEL.keras DIRECTORY`.
 
     Args:
-        model: a Keras model with dict inputs `token_ids` and `padding_mask`
-            (e.g. a `ReformerCausalLM`) returning logits.
+        model: a `ReformerCausalLM`, `ReformerMaskedLM` or
+            `ReformerClassifier`.
         path: destination directory; an existing SavedModel there is
             replaced only once the new one is completely written.
         verbose: bool, let Keras print the exported endpoints.
@@ -84,8 +83,9 @@ def export_for_serving(model, path, verbose=False):
     >>> path = export_for_serving(lm, "saved_models/reformer_lm")
     >>> served = tf.saved_model.load("saved_models/reformer_lm")
     >>> served.signatures["serving_default"](
-    ...     token_ids=tf.constant([[104, 105]]))["logits"].shape
-    TensorShape([1, 2, 256])
+    ...     token_ids=tf.constant([[104, 105, 0]]),
+    ...     padding_mask=tf.constant([[1, 1, 0]]))["logits"].shape
+    TensorShape([1, 3, 256])
     >>> served.signatures["generate"](
     ...     token_ids=tf.constant([[104, 105]]), padding_mask=tf.constant(
     ...     [[1, 1]]), max_length=tf.constant(40), top_k=tf.constant(10),
@@ -93,6 +93,12 @@ def export_for_serving(model, path, verbose=False):
     ...     )["token_ids"].shape
     TensorShape([1, 40])
     """
+    if not isinstance(model, ReformerTask):
+        raise ValueError(
+            "export_for_serving takes a keras_reformer task "
+            "(ReformerCausalLM, ReformerMaskedLM, ReformerClassifier), "
+            "which declares its serving inputs; received a "
+            f"{type(model).__name__}.")
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise ValueError(
@@ -105,10 +111,8 @@ def export_for_serving(model, path, verbose=False):
     archive = keras.export.ExportArchive()
     archive.track(model)
 
-    for name, padded in ((SERVING_ENDPOINT, False),
-                         (PADDED_SERVING_ENDPOINT, True)):
-        archive.add_endpoint(name, *_serving_function(model, padded))
-    if hasattr(model, "generate_step"):
+    archive.add_endpoint(SERVING_ENDPOINT, *_serving_function(model))
+    if model.serves_generation:
         archive.add_endpoint(GENERATE_ENDPOINT, _generate_function(model),
                              input_signature=GENERATE_SIGNATURE)
     temporary = tempfile.mkdtemp(
@@ -124,15 +128,11 @@ def export_for_serving(model, path, verbose=False):
     return path
 
 
-def _serving_function(model, padded):
-    """`(function, input_signature)` of a serving endpoint: `token_ids`,
-    `padding_mask` if `padded` (else all ones), and `mask_positions` for a
-    `ReformerMaskedLM`, to `{"logits"}`."""
-    names = ["token_ids"] + ["padding_mask"] * padded
-    if "mask_positions" in model.input:  # a ReformerMaskedLM
-        names.append("mask_positions")
-
-    positions = getattr(model, "backbone", model).position_embedding
+def _serving_function(model):
+    """`(function, input_signature)` of the serving endpoint: the task's
+    `serving_inputs` to `{"logits"}`."""
+    names = model.serving_inputs
+    positions = model.backbone.position_embedding
 
     def serve(*tensors):
         inputs = dict(zip(names, tensors))
@@ -141,8 +141,6 @@ def _serving_function(model, padded):
             tf.shape(inputs["token_ids"])[1], positions.max_length,
             message=f"token_ids are longer than the {positions.max_length} "
             f"positions of axial_shape={positions.axial_shape}")
-        if not padded:
-            inputs["padding_mask"] = tf.ones_like(inputs["token_ids"])
         logits = model(inputs, training=False)
         return {"logits": tf.cast(logits, tf.float32)}
 

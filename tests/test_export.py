@@ -56,7 +56,8 @@ serve = tf.saved_model.load(export_dir).signatures["serving_default"]
 inputs = np.load(io_dir + "/inputs.npz")
 outputs = {}
 for key in sorted(inputs.files):
-    result = serve(token_ids=tf.constant(inputs[key]))
+    ids = tf.constant(inputs[key])
+    result = serve(token_ids=ids, padding_mask=tf.ones_like(ids))
     assert sorted(result) == ["logits"], sorted(result)
     outputs[key] = result["logits"].numpy()
 np.savez(io_dir + "/outputs.npz", **outputs)
@@ -109,7 +110,9 @@ def python_logits(model, token_ids):
 
 def served_logits(path, token_ids):
     serve = tf.saved_model.load(path).signatures["serving_default"]
-    return serve(token_ids=tf.constant(token_ids))["logits"].numpy()
+    ids = tf.constant(token_ids)
+    return serve(token_ids=ids, padding_mask=tf.ones_like(ids))[
+        "logits"].numpy()
 
 
 def random_ids(batch, length, seed):
@@ -136,16 +139,13 @@ def test_signature_is_dynamic_int32_token_ids_to_logits(exported):
     _, path = exported
     serve = tf.saved_model.load(path).signatures["serving_default"]
     _, kwargs = serve.structured_input_signature
-    assert list(kwargs) == ["token_ids"]
-    assert kwargs["token_ids"].dtype == tf.int32
-    assert kwargs["token_ids"].shape.as_list() == [None, None]
+    assert sorted(kwargs) == ["padding_mask", "token_ids"]
+    assert {spec.dtype for spec in kwargs.values()} == {tf.int32}
+    assert {tuple(spec.shape.as_list()) for spec in kwargs.values()} == {
+        (None, None)}
     assert list(serve.structured_outputs) == ["logits"]
     assert serve.structured_outputs["logits"].shape.as_list() == [
         None, None, VOCABULARY]
-    padded = tf.saved_model.load(path).signatures["serve_padded"]
-    _, kwargs = padded.structured_input_signature
-    assert sorted(kwargs) == ["padding_mask", "token_ids"]
-    assert {spec.dtype for spec in kwargs.values()} == {tf.int32}
 
 
 PROMPTS = {"token_ids": np.array([[5, 6, 7, 0], [8, 9, 10, 11]], "int32"),
@@ -235,7 +235,7 @@ def test_saved_model_cli_runs_the_serving_signature(exported):
     run = subprocess.run(
         [cli, "run", "--dir", path, "--tag_set", "serve",
          "--signature_def", "serving_default",
-         "--input_exprs", "token_ids=[[1,2,3]]"],
+         "--input_exprs", "token_ids=[[1,2,3]];padding_mask=[[1,1,1]]"],
         env=child_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     printed = run.stdout.split("Result for output key logits:")[1]
@@ -323,3 +323,11 @@ def test_every_attention_mix_exports(tmp_path, attention_types, causal):
         ids = random_ids(batch, length, seed=length)
         np.testing.assert_allclose(served_logits(path, ids),
                                    python_logits(model, ids), atol=1e-4)
+
+
+def test_only_tasks_are_exported(tmp_path):
+    """The task declares what it serves; a backbone declares nothing."""
+    with pytest.raises(ValueError, match="takes a keras_reformer task .* "
+                                         "received a ReformerBackbone"):
+        export.export_for_serving(tiny_lm(seed=1).backbone,
+                                  str(tmp_path / "backbone"))

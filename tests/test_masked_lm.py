@@ -170,5 +170,6 @@ def test_exported_signature_takes_mask_positions(tmp_path):
     served = tf.saved_model.load(path).signatures["serving_default"]
     x = inputs([[0, 9, 63], [3, 4, 5]])
     logits = served(token_ids=tf.constant(x["token_ids"]),
+                    padding_mask=tf.constant(x["padding_mask"]),
                     mask_positions=tf.constant(x["mask_positions"]))
     assert_close(logits["logits"], mlm(x), atol=1e-5)

@@ -52,6 +52,7 @@ class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
 
     backbone_cls = ReformerBackbone
     preprocessor_cls = ReformerCausalLMPreprocessor
+    serves_generation = True
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if not backbone.causal:

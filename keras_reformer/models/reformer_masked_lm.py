@@ -48,6 +48,7 @@ class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
 
     backbone_cls = ReformerBackbone
     preprocessor_cls = ReformerMaskedLMPreprocessor
+    serving_inputs = ("token_ids", "padding_mask", "mask_positions")
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         if backbone.causal:

@@ -7,9 +7,15 @@ from keras_reformer.models.token_inputs import TokenInputsMixin
 
 class ReformerTask(TokenInputsMixin):
     """Mixed in before a keras-hub task class (`CausalLM`, `MaskedLM`,
-    `TextClassifier`): the input checks of `TokenInputsMixin`, and a
-    `.keras` file's compile state restored on loading (keras-hub's tasks
-    override `compile`, so Keras would skip it)."""
+    `TextClassifier`): the input checks of `TokenInputsMixin`, a `.keras`
+    file's compile state restored on loading (keras-hub's tasks override
+    `compile`, so Keras would skip it), and what `export_for_serving`
+    serves: `serving_inputs`, the names of the int32 inputs of the
+    `serving_default` signature, and `serves_generation`, whether a
+    `generate` signature is added."""
+
+    serving_inputs = ("token_ids", "padding_mask")
+    serves_generation = False
 
     def compile_from_config(self, config):
         self.compile(**keras.saving.deserialize_keras_object(dict(config)))
