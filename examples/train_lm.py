@@ -4,8 +4,9 @@ By default it trains on the Python standard library's own source code
 (already on the machine, nothing is downloaded), one token per byte. After
 every epoch it reports the bits per byte on held-out text (the last 5% of the
 corpus; a uniform guess scores 8.0). Then it samples a continuation of a
-held-out prompt, saves `<export-dir>.keras`, exports a TF SavedModel for
-serving to `<export-dir>` and checks that the reloaded SavedModel's logits
+held-out prompt, saves `<export-dir>.keras` and the keras-hub preset
+`<export-dir>_preset/` (with its byte tokenizer), exports a TF SavedModel
+for serving to `<export-dir>` and checks that the reloaded SavedModel's logits
 equal the Python model's.
 
 A killed run started again with the same command resumes from the backup
@@ -39,6 +40,7 @@ from keras_reformer import multi_worker_training
 from keras_reformer import text_data
 from keras_reformer.export import export_for_serving
 from keras_reformer.export import save_keras_model
+from keras_reformer.export import save_preset
 from keras_reformer.layers import attention_type
 from keras_reformer.layers import attention_type_names
 from keras_reformer.layers import hashing
@@ -577,6 +579,12 @@ def main(argv=None):
         print(f"Saved {keras_path} (evaluate or sample it later: python "
               f"examples/saved_lm.py evaluate|generate {keras_path})",
               flush=True)
+        model.preprocessor = text_data.byte_preprocessor(
+            args.sequence_length)
+        preset = save_preset(model, export_dir + "_preset")
+        print(f"Saved the preset {preset} (with its tokenizer: "
+              "keras_hub.models.CausalLM.from_preset(path) after import "
+              "keras_reformer)", flush=True)
         backend = keras.backend.backend()
         if backend == "tensorflow":
             inputs, _ = next(iter(held_out))

@@ -1,6 +1,7 @@
-"""Export a Reformer LM for serving (TF SavedModel) and save `.keras` files.
+"""Export a Reformer task for serving (TF SavedModel), save `.keras` files
+and presets.
 
-Both writers are atomic: they write into a temporary sibling and rename it
+Every writer is atomic: they write into a temporary sibling and rename it
 over the destination only once it is complete, so an export that fails or is
 killed half-way never leaves a half-written model where a good one was.
 """
@@ -252,14 +253,63 @@ def save_keras_model(model, path):
     return path
 
 
+def save_preset(task, path):
+    """Saves `task` as a keras-hub preset directory, atomically (see
+    `export_for_serving`): config, weights, and the preprocessor with its
+    tokenizer, for `from_preset`.
+
+    Args:
+        task: a Reformer task with a preprocessor (its tokenizer belongs to
+            the preset).
+        path: destination directory; an existing preset there is replaced
+            only once the new one is completely written.
+
+    Returns:
+        The absolute destination path.
+
+    Example:
+    >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
+    >>> from keras_reformer.text_data import byte_preprocessor
+    >>> lm = ReformerCausalLM(ReformerBackbone(vocabulary_size=256,
+    ...     hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
+    ...     axial_shape=(8, 8),
+    ...     attention_options={"lsh": {"chunk_length": 16}}),
+    ...     preprocessor=byte_preprocessor(64))
+    >>> path = save_preset(lm, "saved_models/reformer_lm_preset")
+    >>> keras_hub.models.CausalLM.from_preset(path).count_params() == (
+    ...     lm.count_params())
+    True
+    """
+    if getattr(task, "preprocessor", None) is None:
+        raise ValueError(
+            "save_preset needs a task with a preprocessor (its tokenizer is "
+            f"part of the preset); the {type(task).__name__} has none. "
+            "Attach one, e.g. task.preprocessor = "
+            "text_data.byte_preprocessor(sequence_length).")
+    path = _check_destination(path, is_directory=True, marker="config.json")
+    temporary = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.partial-",
+        dir=os.path.dirname(path))
+    try:
+        task.save_to_preset(temporary)
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp made it 0o700
+        _replace_directory(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return path
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _check_destination(path, is_directory):
-    """The absolute path, after checking what already lies there."""
+def _check_destination(path, is_directory, marker="saved_model.pb"):
+    """The absolute path, after checking what already lies there: a
+    directory is replaced only if it is empty or holds `marker` (the file
+    that says it is what we write)."""
     path = os.path.abspath(os.fspath(path))
     if is_directory and os.path.exists(path):
         if not os.path.isdir(path):
@@ -267,11 +317,11 @@ def _check_destination(path, is_directory):
                 f"path must be a directory for the SavedModel; received "
                 f"path={path!r}, which is an existing file.")
         if os.listdir(path) and not os.path.exists(
-                os.path.join(path, "saved_model.pb")):
+                os.path.join(path, marker)):
             raise ValueError(
                 f"path={path!r} is a non-empty directory that holds no "
-                "SavedModel (no saved_model.pb); refusing to replace it. "
-                "Pass a new or SavedModel directory.")
+                f"{marker}; refusing to replace it. Pass a new directory "
+                "or one written here before.")
     if not is_directory and os.path.isdir(path):
         raise ValueError(f"path must be a file name; received path={path!r}, "
                          "which is an existing directory.")

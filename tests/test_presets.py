@@ -4,9 +4,11 @@
 import keras
 import keras_hub
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_reformer import text_data
+from keras_reformer.export import save_preset
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
 from keras_reformer.models import ReformerClassifier
@@ -83,3 +85,19 @@ def test_masked_lm_and_classifier_presets_round_trip(tmp_path):
     assert isinstance(again, ReformerClassifier) and again.num_classes == 3
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     assert_close(again(x), classifier(x), atol=0)
+
+
+def test_save_preset_needs_a_tokenizer_and_keeps_foreign_directories(
+        tmp_path):
+    lm = ReformerCausalLM(backbone())
+    with pytest.raises(ValueError, match="needs a task with a preprocessor"):
+        save_preset(lm, str(tmp_path / "preset"))
+    lm.preprocessor = text_data.byte_preprocessor(32)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        save_preset(lm, str(foreign))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    path = save_preset(lm, str(tmp_path / "preset"))
+    assert save_preset(lm, path) == path  # a preset is replaced

@@ -61,9 +61,28 @@ def test_tiny_training_run_reports_bits_per_byte_and_exports(trained):
     assert math.isfinite(bits) and 0.0 < bits < 8.5, bits
     assert (export_dir / "saved_model.pb").is_file()
     assert (export_dir.parent / "reformer_lm.keras").is_file()
+    assert (export_dir.parent / "reformer_lm_preset" / "tokenizer.json"
+            ).is_file()
     difference = re.search(r"max difference ([0-9.e+-]+)", output)
     assert difference and float(difference.group(1)) < 1e-3, output[-2000:]
     assert "----- sample -----" in output
+
+
+def test_the_preset_loads_with_the_weights_of_the_keras_file(trained):
+    export_dir, _ = trained
+    code = ("import keras_reformer, keras, keras_hub, numpy as np; "
+            f"a = keras.saving.load_model({str(export_dir) + '.keras'!r}); "
+            "b = keras_hub.models.CausalLM.from_preset("
+            f"{str(export_dir) + '_preset'!r}); "
+            "ids = np.arange(64, dtype='int32')[None] + 40; "
+            "x = {'token_ids': ids, 'padding_mask': np.ones_like(ids)}; "
+            "print(type(b).__name__, type(b.preprocessor.tokenizer).__name__,"
+            " float(np.abs(np.asarray(a(x)) - np.asarray(b(x))).max()))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ReformerCausalLM ReformerTokenizer 0.0" in run.stdout, run.stdout
 
 
 def test_saved_model_loads_compiled_after_importing_the_package(trained):
