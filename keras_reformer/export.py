@@ -116,16 +116,8 @@ def export_for_serving(model, path, verbose=False):
     if model.serves_generation:
         archive.add_endpoint(GENERATE_ENDPOINT, _generate_function(model),
                              input_signature=GENERATE_SIGNATURE)
-    temporary = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(path)}.partial-",
-        dir=os.path.dirname(path))
-    try:
-        archive.write_out(temporary, verbose=verbose)
-        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp made it 0o700
-        _replace_directory(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    _write_directory(path, lambda directory: archive.write_out(
+        directory, verbose=verbose))
     return path
 
 
@@ -287,17 +279,23 @@ def save_preset(task, path):
             "Attach one, e.g. task.preprocessor = "
             "text_data.byte_preprocessor(sequence_length).")
     path = _check_destination(path, is_directory=True, marker="config.json")
+    _write_directory(path, task.save_to_preset)
+    return path
+
+
+def _write_directory(path, write):
+    """Runs `write(directory)` on a temporary sibling of `path` and renames
+    it over `path` once complete; on failure nothing is left behind."""
     temporary = tempfile.mkdtemp(
         prefix=f".{os.path.basename(path)}.partial-",
         dir=os.path.dirname(path))
     try:
-        task.save_to_preset(temporary)
+        write(temporary)
         os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp made it 0o700
         _replace_directory(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return path
 
 
 def _umask():

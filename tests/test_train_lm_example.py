@@ -68,6 +68,15 @@ def test_tiny_training_run_reports_bits_per_byte_and_exports(trained):
     assert "----- sample -----" in output
 
 
+def fresh_python(code):
+    """What `code` prints in a new Python process (which must succeed)."""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
 def test_the_preset_loads_with_the_weights_of_the_keras_file(trained):
     export_dir, _ = trained
     code = ("import keras_reformer, keras, keras_hub, numpy as np; "
@@ -78,11 +87,7 @@ def test_the_preset_loads_with_the_weights_of_the_keras_file(trained):
             "x = {'token_ids': ids, 'padding_mask': np.ones_like(ids)}; "
             "print(type(b).__name__, type(b.preprocessor.tokenizer).__name__,"
             " float(np.abs(np.asarray(a(x)) - np.asarray(b(x))).max()))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "ReformerCausalLM ReformerTokenizer 0.0" in run.stdout, run.stdout
+    assert "ReformerCausalLM ReformerTokenizer 0.0" in fresh_python(code)
 
 
 def test_saved_model_loads_compiled_after_importing_the_package(trained):
@@ -95,12 +100,8 @@ def test_saved_model_loads_compiled_after_importing_the_package(trained):
             "x = {'token_ids': ids[:, :-1], 'padding_mask': ids[:, :-1] > 0}; "
             "print(type(m).__name__, type(m.optimizer).__name__, "
             "sorted(m.evaluate(x, ids[:, 1:], verbose=0, return_dict=True)))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
     assert ("ReformerCausalLM Adam ['bits_per_byte', 'loss']"
-            in run.stdout), run.stdout
+            in fresh_python(code))
 
 
 def test_saved_model_evaluates_to_the_reported_held_out_bits(trained):
