@@ -34,6 +34,8 @@ setup(
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6,<7",
+            # tests/test_tokenizers.py trains a SentencePiece model.
+            "sentencepiece>=0.2,<0.3",
             # The JAX backend tests (reversible custom_vjp) run on the CPU.
             "jax[cpu]>=0.10,<0.11",
         ] + CONVERT,
