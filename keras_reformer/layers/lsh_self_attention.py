@@ -121,8 +121,8 @@ class LSHSelfAttention(SelfAttentionBase):
         if kwargs.get("num_buckets") is None:
             chunk_length = kwargs.get("chunk_length", DEFAULT_CHUNK_LENGTH)
             check_positive_int("chunk_length", chunk_length)
-            kwargs["num_buckets"] = hashing.auto_num_buckets(
-                -(-max_length // chunk_length) * chunk_length, chunk_length)
+            kwargs["num_buckets"] = _default_num_buckets(max_length,
+                                                         chunk_length)
         return super().from_backbone(max_length=max_length, **kwargs)
 
     def build(self, input_shape):
@@ -139,9 +139,8 @@ class LSHSelfAttention(SelfAttentionBase):
                     "keras_reformer.layers.hashing.auto_num_buckets("
                     "max_length, chunk_length))."
                 )
-            padded = -(-length // self.chunk_length) * self.chunk_length
-            self.resolved_num_buckets = hashing.auto_num_buckets(
-                padded, self.chunk_length)
+            self.resolved_num_buckets = _default_num_buckets(
+                length, self.chunk_length)
         self.rotations = self.add_weight(
             name="rotations",
             shape=self._rotations_shape(),
@@ -530,6 +529,12 @@ def _heads(x, start, count, axis=1):
     starts = [0] * len(shape)
     starts[axis], shape[axis] = start, count
     return ops.slice(x, starts, tuple(shape))
+
+
+def _default_num_buckets(length, chunk_length):
+    """The bucket count for inputs of `length`, padded to whole chunks."""
+    padded = -(-length // chunk_length) * chunk_length
+    return hashing.auto_num_buckets(padded, chunk_length)
 
 
 def _check_num_buckets(num_buckets):
