@@ -31,6 +31,8 @@ setup(
     extras_require={
         # keras_reformer.convert: Hugging Face PyTorch checkpoints.
         "convert": CONVERT,
+        # benchmarks/ write PNG plots beside their JSON lines.
+        "benchmarks": ["matplotlib>=3.8,<4"],
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6,<7",
