@@ -3,9 +3,10 @@
 import keras
 
 from keras_reformer.models.token_inputs import TokenInputsMixin
+from keras_reformer.models.transformers_presets import TransformersPresets
 
 
-class ReformerTask(TokenInputsMixin):
+class ReformerTask(TransformersPresets, TokenInputsMixin):
     """Mixed in before a keras-hub task class (`CausalLM`, `MaskedLM`,
     `TextClassifier`): the input checks of `TokenInputsMixin`, a `.keras`
     file's compile state restored on loading (keras-hub's tasks override
