@@ -34,6 +34,7 @@ from keras_reformer import text_data  # noqa: E402
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
 from keras_reformer.models import ReformerCausalLMPreprocessor  # noqa: E402
+from keras_reformer.models import ReformerMaskedLM  # noqa: E402
 from keras_reformer.models import ReformerSentencePieceTokenizer  # noqa: E402
 from keras_reformer.models import ReformerTokenizer  # noqa: E402
 from tests.helpers import to_numpy  # noqa: E402
@@ -42,7 +43,8 @@ LENGTH = 128
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def save_huggingface_lm(path, vocab_size, attn_layers, **kwargs):
+def save_huggingface_lm(path, vocab_size, attn_layers, max_shard_size="50GB",
+                        **kwargs):
     """A random Hugging Face Reformer LM, saved to `path`; returns it."""
     settings = dict(
         vocab_size=vocab_size, hidden_size=32, num_attention_heads=2,
@@ -56,7 +58,7 @@ def save_huggingface_lm(path, vocab_size, attn_layers, **kwargs):
     torch.manual_seed(0)
     hf = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(
         **{**settings, **kwargs})).eval()
-    hf.save_pretrained(str(path))
+    hf.save_pretrained(str(path), max_shard_size=max_shard_size)
     return hf
 
 
@@ -123,7 +125,9 @@ def test_sentence_piece_directory_matches_huggingface(tmp_path):
         model_type="bpe", minloglevel=3)
     path = tmp_path / "hf"
     hf = save_huggingface_lm(path, 320, ["lsh", "local"], hidden_act="gelu",
-                             num_buckets=[2, 4], hash_seed=3)
+                             num_buckets=[2, 4], hash_seed=3,
+                             max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()  # sharded
     (path / "spiece.model").write_bytes(model.getvalue())
     transformers.ReformerTokenizer.from_pretrained(str(path)).save_pretrained(
         str(path))
@@ -196,3 +200,5 @@ def test_safetensors_load_without_torch_unless_rotations_need_it(tmp_path):
     # Neither a SentencePiece model nor 258 byte ids: no tokenizer to give.
     with pytest.raises(ValueError, match="vocab_size=64 is not 258"):
         ReformerCausalLM.from_preset(str(tmp_path / "no_seed"))
+    with pytest.raises(ValueError, match="not to a ReformerMaskedLM"):
+        ReformerMaskedLM.from_preset(str(tmp_path / "no_seed"))
