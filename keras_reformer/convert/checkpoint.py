@@ -40,15 +40,13 @@ class CheckpointTensors(contextlib.ExitStack):
     @classmethod
     def from_directory(cls, preset):
         """The tensors of the safetensors or PyTorch file(s) in `preset`."""
-        tensors = cls({})
         if check_file_exists(preset, SAFETENSORS_INDEX_FILE):
             files = sorted(set(load_json(
                 preset, SAFETENSORS_INDEX_FILE)["weight_map"].values()))
         elif check_file_exists(preset, SAFETENSORS_FILE):
             files = [SAFETENSORS_FILE]
         elif check_file_exists(preset, PYTORCH_FILE):
-            tensors._tensors = _pytorch_tensors(get_file(preset, PYTORCH_FILE))
-            return tensors
+            return cls(_pytorch_tensors(get_file(preset, PYTORCH_FILE)))
         else:
             raise ValueError(
                 f"{preset} holds no weights: expected {SAFETENSORS_FILE}, "
@@ -56,6 +54,7 @@ class CheckpointTensors(contextlib.ExitStack):
                 "transformers' save_pretrained.")
         import safetensors
 
+        tensors = cls({})
         for name in files:
             file = tensors.enter_context(safetensors.safe_open(
                 get_file(preset, name), framework="np"))

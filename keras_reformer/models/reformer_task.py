@@ -13,7 +13,8 @@ class ReformerTask(TransformersPresets, TokenInputsMixin):
     `compile`, so Keras would skip it), and what `export_for_serving`
     serves: `serving_inputs`, the names of the int32 inputs of the
     `serving_default` signature, and `serves_generation`, whether a
-    `generate` signature is added."""
+    `generate` signature is added; `from_preset` also reads Hugging Face
+    Reformer directories (`TransformersPresets`)."""
 
     serving_inputs = ("token_ids", "padding_mask")
     serves_generation = False

@@ -11,6 +11,8 @@ class TransformersPresets:
 
     @classmethod
     def from_preset(cls, preset, *args, **kwargs):
+        """keras-hub's `from_preset`; a Hugging Face Reformer directory
+        converts on the way in (docs/huggingface.md)."""
         # Imported here: the converter imports the models.
         from keras_reformer.convert.preset_loader import reformer_preset_loader
 
