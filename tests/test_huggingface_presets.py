@@ -198,10 +198,11 @@ def test_safetensors_load_without_torch_unless_rotations_need_it(tmp_path):
     assert "pytorch_model.bin" in pytorch_error
 
     # Without hash_seed, every load has the same fixed rotations.
-    first, second = (ReformerBackbone.from_preset(str(tmp_path / "no_seed"))
-                     for _ in range(2))
-    np.testing.assert_array_equal(to_numpy(first.attention_layers[1].rotations),
-                                  to_numpy(second.attention_layers[1].rotations))
+    first, second = (
+        ReformerBackbone.from_preset(str(tmp_path / "no_seed")
+                                     ).attention_layers[1].rotations
+        for _ in range(2))
+    np.testing.assert_array_equal(to_numpy(first), to_numpy(second))
 
     # Neither a SentencePiece model nor 258 byte ids: no tokenizer to give.
     with pytest.raises(ValueError, match="vocab_size=64 is not 258"):

@@ -46,8 +46,8 @@ class ReformerCausalLMPreprocessor(TransformersPresets,
     backbone_cls = ReformerBackbone
     tokenizer_cls = ReformerTokenizer
 
-    def __init__(self, tokenizer, sequence_length=DEFAULT_SEQUENCE_LENGTH, add_start_token=False,
-                 add_end_token=False, **kwargs):
+    def __init__(self, tokenizer, sequence_length=DEFAULT_SEQUENCE_LENGTH,
+                 add_start_token=False, add_end_token=False, **kwargs):
         check_positive_int("sequence_length", sequence_length)
         for flag, name in ((add_start_token, "start_token"),
                            (add_end_token, "end_token")):
