@@ -1,9 +1,11 @@
-"""Logits parity with Hugging Face transformers' PyTorch Reformer.
+"""Logits parity with Hugging Face transformers' PyTorch Reformer in memory.
 
 The Hugging Face model is built from a `ReformerConfig` in the test (random
-weights, no download), converted with `keras_reformer.convert`, and both run
-in eval mode; `hash_seed` makes Hugging Face's LSH rotations reproducible and
-the converter gives our layers the same ones.
+weights, no download), converted with `keras_reformer.convert.
+from_huggingface`, and both run in eval mode; `hash_seed` makes Hugging
+Face's LSH rotations reproducible and the converter gives our layers the
+same ones. Directories written by `save_pretrained` are tested through
+`from_preset` in tests/test_huggingface_presets.py.
 """
 
 import numpy as np
@@ -68,18 +70,6 @@ def test_padding_mask_logits_equal_huggingface():
     actual, expected = logits_of_both(hf, ids, mask)
     valid = mask[..., None]
     np.testing.assert_allclose(actual * valid, expected * valid, atol=1e-4)
-
-
-def test_saved_directory_converts(tmp_path):
-    hf = huggingface_lm(["lsh", "local"], 4, 2, hidden_act="gelu")
-    hf.save_pretrained(str(tmp_path))
-    ids = np.random.RandomState(2).randint(1, 64, (1, LENGTH))
-    with torch.no_grad():
-        expected = hf(torch.tensor(ids)).logits.numpy()
-    lm = from_huggingface(str(tmp_path))
-    actual = to_numpy(lm({"token_ids": ids.astype("int32"),
-                          "padding_mask": np.ones_like(ids, "int32")}))
-    np.testing.assert_allclose(actual, expected, atol=1e-4)
 
 
 def test_unsupported_configuration_raises():

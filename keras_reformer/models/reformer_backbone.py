@@ -14,10 +14,12 @@ from keras_reformer.layers.token_id_check import TokenIdCheck
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_positive_int_pair
 from keras_reformer.models.token_inputs import TokenInputsMixin
+from keras_reformer.models.transformers_presets import TransformersPresets
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerBackbone(TokenInputsMixin, keras_hub.models.Backbone):
+class ReformerBackbone(TransformersPresets, TokenInputsMixin,
+                       keras_hub.models.Backbone):
     """Reformer encoder/decoder stack as a keras-hub backbone.
 
     token ids -> embedding + axial positions -> `[x, x]` -> reversible stack

@@ -6,10 +6,14 @@ import keras_hub
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
+from keras_reformer.models.transformers_presets import TransformersPresets
+
+DEFAULT_SEQUENCE_LENGTH = 1024
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerCausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
+class ReformerCausalLMPreprocessor(TransformersPresets,
+                                  keras_hub.models.CausalLMPreprocessor):
     """keras-hub's `CausalLMPreprocessor` for Reformer causal LMs.
 
     Tokenizes strings, pads them with the tokenizer's pad id to
@@ -42,8 +46,8 @@ class ReformerCausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     backbone_cls = ReformerBackbone
     tokenizer_cls = ReformerTokenizer
 
-    def __init__(self, tokenizer, sequence_length=1024, add_start_token=False,
-                 add_end_token=False, **kwargs):
+    def __init__(self, tokenizer, sequence_length=DEFAULT_SEQUENCE_LENGTH,
+                 add_start_token=False, add_end_token=False, **kwargs):
         check_positive_int("sequence_length", sequence_length)
         for flag, name in ((add_start_token, "start_token"),
                            (add_end_token, "end_token")):

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from keras_reformer.layers.validation import check_non_negative_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
+from keras_reformer.models.transformers_presets import TransformersPresets
 
 NUM_BYTES = 256
 # Special tokens: the attribute keras-hub reads and the token's text.
@@ -15,7 +16,8 @@ _SPECIAL_TOKENS = {"start_token": "<s>", "end_token": "</s>",
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
-class ReformerTokenizer(keras_hub.tokenizers.ByteTokenizer):
+class ReformerTokenizer(TransformersPresets,
+                        keras_hub.tokenizers.ByteTokenizer):
     """UTF-8 bytes as token ids `byte + id_offset`, with special ids.
 
     Ids below `id_offset` are reserved (google/reformer-enwik8 uses
@@ -169,7 +171,7 @@ def _check_special_ids(special_ids, id_offset):
 
 @keras.saving.register_keras_serializable(package="keras_reformer")
 class ReformerSentencePieceTokenizer(
-        keras_hub.tokenizers.SentencePieceTokenizer):
+        TransformersPresets, keras_hub.tokenizers.SentencePieceTokenizer):
     """keras-hub's `SentencePieceTokenizer` for Reformer checkpoints.
 
     For SentencePiece checkpoints such as google/reformer-crime-and-punishment
