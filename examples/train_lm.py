@@ -677,8 +677,8 @@ def main(argv=None):
         # a strategy.run loop with the same callbacks, and its own backup
         # and per-epoch weights (the backup is saved before the callbacks
         # run, and restored by every worker from the chief's --backup-dir).
-        print("multi_worker_mirrored: training through strategy.run.",
-              flush=True)
+        print("multi_worker_mirrored: training through strategy.run "
+              "(without XLA).", flush=True)
         trainer = multi_worker_training.StrategyTrainer(model, strategy)
         history = trainer.fit(
             train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
@@ -705,8 +705,7 @@ def main(argv=None):
                   callbacks=callbacks + [HeldOutReport()], verbose=verbose)
         history = record.history
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
-          "by epoch: " + ", ".join(f"{v:.3f}" for v in history),
-          flush=True)
+          "by epoch: " + ", ".join(f"{v:.3f}" for v in history), flush=True)
 
     prompt = held_out_prompt(
         held_out_text, min(PROMPT_LENGTH, args.sequence_length -

@@ -12,9 +12,10 @@ cross-replica context, where Keras's metric variables sum over replicas and
 workers. Callbacks get `fit`'s protocol through `keras.callbacks.
 CallbackList`. It works under any strategy (the default one,
 `MirroredStrategy`, `MultiWorkerMirroredStrategy`). The steps are not
-compiled by XLA, which cannot compile the collective operations of the
-all-reduce; for compiled training on several hosts use the JAX backend's
-`keras.distribution` with `fit` (docs/distribution.md).
+compiled by XLA, which cannot compile their collective operations (on the
+CPU it has no kernel for `CollectiveGatherV2`); for compiled training on
+several hosts use the JAX backend's `keras.distribution` with `fit`
+(docs/distribution.md).
 
 Every worker runs the same program. Files are written by every worker too
 (saving may need collective operations), but only the chief writes to the
