@@ -19,9 +19,15 @@ refuses it.
     python examples/train_lm.py --attention lsh,full --sequence-length 1024
     python examples/train_lm.py --text-files my.txt --epochs 5
     python examples/train_lm.py --tfds-dataset tiny_shakespeare  # prepared
+
+Several devices or hosts (docs/distribution.md): `--strategy` for
+TensorFlow's engines, `--distribution` with `KERAS_BACKEND=jax` for Keras's
+distribution API; with several processes, process 0 (the chief) writes
+every file.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -108,6 +114,21 @@ def parse_args(argv=None):
     training.add_argument("--steps-per-execution", type=int, default=1,
                           help="train steps per compiled call (raise it on "
                                "TPUs to avoid host round trips)")
+    training.add_argument(
+        "--distribution", default="none",
+        choices=["none", "data_parallel", "model_parallel"],
+        help="keras.distribution (KERAS_BACKEND=jax): data_parallel "
+             "splits each global batch over every process's devices; "
+             "model_parallel (one process) splits heads and feed-forward "
+             "width over its devices (ReformerBackbone.get_layout_map)")
+    training.add_argument("--coordinator-address", metavar="HOST:PORT",
+                          help="process 0's address (several processes)")
+    training.add_argument("--num-processes", type=int, default=1,
+                          help="JAX processes in the run (one per host)")
+    training.add_argument("--process-id", type=int, default=0,
+                          help="this process's index, 0 to "
+                               "--num-processes - 1; process 0 writes "
+                               "every file")
     training.add_argument("--backup-dir", default=None,
                           help="backup directory (BackupAndRestore, or the "
                                "strategy.run loop's own backup): a killed "
@@ -140,12 +161,44 @@ def parse_args(argv=None):
     if args.tpu and args.strategy != "tpu":
         parser.error(f"--tpu needs --strategy tpu; received --strategy "
                      f"{args.strategy}.")
+    check_distribution_flags(parser, args)
     if args.backup_dir is None:
         args.backup_dir = args.export_dir + ".backup"
     check_corpus_arguments(parser, args)
     args.attention_types = attention_types(parser, args.attention,
                                            args.num_layers)
     return args
+
+
+def check_distribution_flags(parser, args):
+    """Exits through `parser.error` unless the `--distribution` and process
+    flags fit together and the backend."""
+    check_positive_flags(parser, args, ("num_processes",))
+    check_flag_range(parser, args, "process_id", 0, args.num_processes - 1)
+    if args.distribution != "none":
+        if keras.backend.backend() != "jax":
+            parser.error(f"--distribution {args.distribution} needs the JAX "
+                         f"backend (KERAS_BACKEND=jax); this run uses "
+                         f"{keras.backend.backend()}.")
+        if args.strategy != "none":
+            parser.error(f"give --strategy (tf.distribute) or --distribution "
+                         f"(JAX), not both; received --strategy "
+                         f"{args.strategy} and --distribution "
+                         f"{args.distribution}.")
+    if args.distribution == "model_parallel" and args.num_processes > 1:
+        parser.error(f"--distribution model_parallel runs in one process "
+                     f"(over its devices): process 0 saves the weights "
+                     f"alone, and a weight split across processes cannot be "
+                     f"read by one; received --num-processes "
+                     f"{args.num_processes}. Use data_parallel across "
+                     "processes.")
+    if args.num_processes > 1 and (args.distribution == "none" or
+                                   not args.coordinator_address):
+        parser.error(f"--num-processes {args.num_processes} needs "
+                     f"--distribution data_parallel or model_parallel and "
+                     f"--coordinator-address host:port of process 0; "
+                     f"received --distribution {args.distribution} and "
+                     f"--coordinator-address {args.coordinator_address}.")
 
 
 def add_corpus_arguments(parser):
@@ -322,6 +375,89 @@ def make_strategy(args):
     return tf.distribute.get_strategy()
 
 
+def make_distribution(args):
+    """The `keras.distribution` named by `--distribution` (JAX), after
+    joining the other processes when there are several.
+
+    `data_parallel` splits each global batch over every device of every
+    process; `model_parallel` (one process) splits the weights over the
+    process's devices, the model axis of a `(1, devices)` mesh.
+    """
+    import jax
+
+    if args.num_processes > 1:
+        # CPU devices need an implementation of collectives across
+        # processes; accelerators bring their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        keras.distribution.initialize(
+            args.coordinator_address, args.num_processes, args.process_id)
+    devices = sorted(jax.devices(),
+                     key=lambda device: (device.process_index, device.id))
+    if args.distribution == "data_parallel":
+        return keras.distribution.DataParallel(devices=devices,
+                                               auto_shard_dataset=True)
+    mesh = keras.distribution.DeviceMesh((1, len(devices)),
+                                         ("batch", "model"), devices)
+    return keras.distribution.ModelParallel(
+        layout_map=ReformerBackbone.get_layout_map(mesh),
+        batch_dim_name="batch", auto_shard_dataset=True)
+
+
+@contextlib.contextmanager
+def no_distribution():
+    """Runs the block with no `keras.distribution` set.
+
+    Under a distribution of several JAX processes, creating a variable is a
+    collective operation, and Keras's saving creates some (a reference
+    optimizer): process 0 saving alone must not be under it. Reading the
+    weights it saves needs no other process.
+    """
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
+
+
+class SavesAlone:
+    """For callbacks that save on the chief alone (mixed in before the
+    callback class): their saving hooks run under `no_distribution`."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        with no_distribution():
+            super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with no_distribution():
+            super().on_epoch_end(epoch, logs)
+
+
+class ChiefBackupAndRestore(SavesAlone, keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` on the chief: restores with the other processes
+    (`RestoreOnly` there), saves alone."""
+
+
+class ChiefModelCheckpoint(SavesAlone, keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` on the chief, saving alone."""
+
+
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` for the processes other than the chief: restores
+    the chief's backup when training begins (with the chief: loading
+    weights under a distribution is a collective operation), never writes
+    or deletes it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
 class HeldOutReport(keras.callbacks.Callback):
     """Prints the held-out bits per byte after each epoch, on its own line."""
 
@@ -490,11 +626,17 @@ def export_and_check(model, path, inputs):
 
 
 def main(argv=None):
+    """Runs the job the flags describe; returns the trained model."""
     args = parse_args(argv)
     # First: MultiWorkerMirroredStrategy must configure TensorFlow's
-    # collective ops before any other TensorFlow work.
+    # collective ops, and JAX processes must join, before any other work.
     strategy = make_strategy(args)
-    chief = multi_worker_training.is_chief(strategy)
+    if args.distribution != "none":
+        keras.distribution.set_distribution(make_distribution(args))
+    # One process writes every file: the tf.distribute chief, or JAX's
+    # process 0.
+    chief = (multi_worker_training.is_chief(strategy) and
+             args.process_id == 0)
     if chief:
         check_writable({"--export-dir": args.export_dir,
                         "--backup-dir": args.backup_dir})
@@ -509,8 +651,14 @@ def main(argv=None):
         held_out_text, args.sequence_length, args.batch_size)
     with strategy.scope():
         model = build_model(args)
-    print(f"Strategy: {args.strategy} ({strategy.num_replicas_in_sync} "
-          "replica(s)).", flush=True)
+    if args.distribution != "none":
+        print(f"Distribution: {args.distribution} over "
+              f"{len(keras.distribution.list_devices())} device(s) of "
+              f"{args.num_processes} process(es); this is process "
+              f"{args.process_id}.", flush=True)
+    else:
+        print(f"Strategy: {args.strategy} ({strategy.num_replicas_in_sync} "
+              "replica(s)).", flush=True)
     print(f"Model: causal ReformerCausalLM, {len(args.attention_types)} layer(s) "
           f"{args.attention_types}, hidden {args.hidden_dim}, sequence "
           f"length {args.sequence_length}, {model.count_params():,} "
@@ -520,43 +668,41 @@ def main(argv=None):
           f"{args.batch_size} x {args.sequence_length} bytes "
           "(the first step compiles)...", flush=True)
     start = time.time()
-    report = HeldOutReport()
+    # The record comes first, the report last: once an epoch is reported,
+    # it is recorded, backed up and checkpointed.
+    callbacks = [record]
+    verbose = 1 if sys.stdout.isatty() else 2
     if args.strategy == "multi_worker_mirrored":
         # Keras 3.15's fit fails under this strategy (keras-team/keras#20585):
-        # a strategy.run loop with the same optimizer, loss and report, and
-        # the same backup and per-epoch weights (kept by the chief; the
-        # backup is saved before the report, and restored by every worker
-        # from the chief's --backup-dir).
-        print("multi_worker_mirrored: training through strategy.run.",
-              flush=True)
-        trainer = multi_worker_training.StrategyTrainer(
-            model, model.optimizer, strategy, jit_compile=args.jit_compile)
+        # a strategy.run loop with the same callbacks, and its own backup
+        # and per-epoch weights (the backup is saved before the callbacks
+        # run, and restored by every worker from the chief's --backup-dir).
+        print("multi_worker_mirrored: training through strategy.run "
+              "(without XLA).", flush=True)
+        trainer = multi_worker_training.StrategyTrainer(model, strategy)
         history = trainer.fit(
             train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-            validation_data=held_out, callbacks=[record, report],
-            verbose=1 if sys.stdout.isatty() else 2,
-            backup_dir=args.backup_dir, delete_backup=False,
+            validation_data=held_out, callbacks=callbacks + [HeldOutReport()],
+            verbose=verbose, backup_dir=args.backup_dir, delete_backup=False,
             weights_path=args.export_dir + ".checkpoints/"
-            "epoch_{epoch:02d}.weights.h5")["val_bits_per_byte"]
-        # (The trainer's history: here the record is written after the
-        # backup, so it may miss the last backed-up epoch.)
+            "epoch_{epoch:02d}.weights.h5").history["val_bits_per_byte"]
+        # (The trainer's history: the record is written after the backup,
+        # so it may miss the last backed-up epoch.)
     else:
+        if chief:
+            callbacks += [
+                ChiefBackupAndRestore(args.backup_dir,
+                                      delete_checkpoint=False),
+                ChiefModelCheckpoint(
+                    args.export_dir + ".checkpoints/"
+                    "epoch_{epoch:02d}.weights.h5", save_weights_only=True)]
+        else:
+            callbacks.append(RestoreOnly(args.backup_dir))
         model.fit(train, epochs=args.epochs,
                   steps_per_epoch=args.steps_per_epoch,
                   shuffle=False,  # the dataset shuffles itself
                   validation_data=held_out,
-                  # The record comes first, the report last: once an epoch
-                  # is reported, it is recorded, backed up and checkpointed.
-                  callbacks=[
-                      record,
-                      keras.callbacks.BackupAndRestore(
-                          args.backup_dir, delete_checkpoint=False),
-                      keras.callbacks.ModelCheckpoint(
-                          args.export_dir + ".checkpoints/"
-                          "epoch_{epoch:02d}.weights.h5",
-                          save_weights_only=True),
-                      report],
-                  verbose=1 if sys.stdout.isatty() else 2)
+                  callbacks=callbacks + [HeldOutReport()], verbose=verbose)
         history = record.history
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
           "by epoch: " + ", ".join(f"{v:.3f}" for v in history), flush=True)
@@ -571,32 +717,45 @@ def main(argv=None):
     print("----- prompt (held-out) -----\n" + text_data.detokenize(prompt))
     print("----- sample -----\n" + sample + "\n-----", flush=True)
 
-    # Every worker saves; only the chief's files are kept (the others write
-    # to a temporary directory that is deleted). One process is the chief.
+    if args.process_id:
+        # Every JAX process holds the whole trained weights.
+        print(f"Process {args.process_id} saves nothing: process 0 writes "
+              "every file.", flush=True)
+        return model
+    # Every tf.distribute worker saves; only the chief's files are kept (the
+    # others write to a temporary directory that is deleted). One process
+    # is the chief.
     with multi_worker_training.chief_path(args.export_dir,
                                           strategy) as export_dir:
-        keras_path = save_keras_model(model, export_dir + ".keras")
-        print(f"Saved {keras_path} (evaluate or sample it later: python "
-              f"examples/saved_lm.py evaluate|generate {keras_path})",
-              flush=True)
-        model.preprocessor = text_data.byte_preprocessor(
-            args.sequence_length)
-        preset = save_preset(model, export_dir + "_preset")
-        print(f"Saved the preset {preset} (with its tokenizer: "
-              "keras_hub.models.CausalLM.from_preset(path) after import "
-              "keras_reformer)", flush=True)
-        backend = keras.backend.backend()
-        if backend == "tensorflow":
-            inputs, _ = next(iter(held_out))
-            export_and_check(model, export_dir, inputs)
-        else:
-            print(f"Not exported: a SavedModel is written from the "
-                  f"TensorFlow backend (this run: {backend}). Export the "
-                  "saved model with: KERAS_BACKEND=tensorflow python "
-                  f"examples/saved_lm.py export {keras_path} {export_dir}",
-                  flush=True)
+        with no_distribution():
+            save_model(args, model, export_dir, held_out)
     if chief:  # all done: a run killed before this resumes at the export
         shutil.rmtree(args.backup_dir)
+    return model
+
+
+def save_model(args, model, export_dir, held_out):
+    """Saves the `.keras` file and the preset, and the SavedModel on the
+    TensorFlow backend (elsewhere, says how to export it)."""
+    keras_path = save_keras_model(model, export_dir + ".keras")
+    print(f"Saved {keras_path} (evaluate or sample it later: python "
+          f"examples/saved_lm.py evaluate|generate {keras_path})",
+          flush=True)
+    model.preprocessor = text_data.byte_preprocessor(args.sequence_length)
+    preset = save_preset(model, export_dir + "_preset")
+    print(f"Saved the preset {preset} (with its tokenizer: "
+          "keras_hub.models.CausalLM.from_preset(path) after import "
+          "keras_reformer)", flush=True)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        inputs, _ = next(iter(held_out))
+        export_and_check(model, export_dir, inputs)
+    else:
+        print(f"Not exported: a SavedModel is written from the "
+              f"TensorFlow backend (this run: {backend}). Export the "
+              "saved model with: KERAS_BACKEND=tensorflow python "
+              f"examples/saved_lm.py export {keras_path} {export_dir}",
+              flush=True)
 
 
 if __name__ == "__main__":

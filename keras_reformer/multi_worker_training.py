@@ -1,17 +1,21 @@
-"""A custom training loop through `tf.distribute`, for several workers.
+"""A training loop through `tf.distribute`, for several workers.
 
 Keras 3.15's `Model.fit` fails under
 `tf.distribute.MultiWorkerMirroredStrategy` (checked with two workers on
-127.0.0.1, even for a one-layer model: "Attempt to convert a value
-(PerReplica ...) to a Tensor", keras-team/keras#20585). `StrategyTrainer`
-trains through the strategy's own engine instead, the loop the TensorFlow
-multi-worker guide describes: the model and optimizer live in
-`strategy.scope()`, the dataset is split over the replicas by
-`strategy.experimental_distribute_dataset`, each replica's loss is scaled by
-the global batch (`tf.nn.compute_average_loss`), the Keras optimizer sums
-the replicas' gradients and applies them inside `strategy.run`, and losses
-are combined with `strategy.reduce`. It works under any strategy (the
-default one, `MirroredStrategy`, `MultiWorkerMirroredStrategy`).
+127.0.0.1, even for a one-layer model: its per-replica reduction of the
+logs, keras-team/keras#20585). `StrategyTrainer` is the smallest loop that
+replaces it: each step runs the model's own `train_step` (its compiled loss,
+scaled per replica, the optimizer's all-reduce and update, its compiled
+metrics) on every replica through `strategy.run`, on the dataset split by
+`strategy.experimental_distribute_dataset`; the metrics are then read in
+cross-replica context, where Keras's metric variables sum over replicas and
+workers. Callbacks get `fit`'s protocol through `keras.callbacks.
+CallbackList`. It works under any strategy (the default one,
+`MirroredStrategy`, `MultiWorkerMirroredStrategy`). The steps are not
+compiled by XLA, which cannot compile their collective operations (on the
+CPU it has no kernel for `CollectiveGatherV2`); for compiled training on
+several hosts use the JAX backend's `keras.distribution` with `fit`
+(docs/distribution.md).
 
 Every worker runs the same program. Files are written by every worker too
 (saving may need collective operations), but only the chief writes to the
@@ -31,11 +35,10 @@ the next epoch; the backup is deleted when training completes.
 
 import contextlib
 import json
-import math
 import os
 import shutil
+import string
 import tempfile
-import time
 
 import keras
 import tensorflow as tf
@@ -44,41 +47,23 @@ from keras_reformer.layers.validation import check_non_negative_int
 from keras_reformer.layers.validation import check_positive_int
 
 
-def token_cross_entropy(y_true, logits):
-    """Per-token cross-entropy in nats of integer labels and logits.
-
-    Args:
-        y_true: int tensor of token ids, shape `(batch, ...)`.
-        logits: float tensor, shape `(batch, ..., vocabulary)`.
-
-    Returns:
-        float32 tensor shaped like `y_true`.
-    """
-    return tf.cast(keras.losses.sparse_categorical_crossentropy(
-        y_true, logits, from_logits=True), tf.float32)
-
-
 class StrategyTrainer:
-    """Trains a Keras model with `strategy.run`, where `fit` cannot.
+    """Trains a compiled Keras model with `strategy.run`, where `fit` cannot.
 
-    The loss is the mean per-token cross-entropy over the global batch (the
-    mean `fit` computes with `SparseCategoricalCrossentropy`), so one worker
-    with the whole batch and several workers with slices of it take the same
-    steps. `model.losses` (regularisers) are added, scaled per replica.
+    The model's compiled loss is the mean over each replica's batch scaled
+    by the number of replicas, so one worker with the whole batch and
+    several workers with slices of it take the same steps; the reported
+    metrics are those the model was compiled with, over the global batches.
 
     Args:
-        model: a Keras model built in `strategy.scope()`, taking the
-            dataset's inputs and returning logits.
-        optimizer: a Keras 3 optimizer created in `strategy.scope()`.
+        model: a Keras model created and compiled (loss, optimizer, any
+            metrics) in `strategy.scope()`.
         strategy: a `tf.distribute.Strategy`; default: the current one.
-        loss_fn: `loss_fn(y_true, y_pred)` returning per-token losses
-            shaped like `y_true`; default `token_cross_entropy`.
-        jit_compile: bool, compile each replica's forward and backward pass
-            with XLA (the gradient all-reduce and the update run outside).
 
     Example (every worker runs the same; here the current strategy stands
     in for `tf.distribute.MultiWorkerMirroredStrategy()`, which reads the
     cluster from `TF_CONFIG`):
+    >>> from keras_reformer.metrics import BitsPerByte
     >>> from keras_reformer.models import ReformerBackbone, ReformerCausalLM
     >>> from keras_reformer.text_data import language_model_dataset
     >>> data = language_model_dataset(b"hello world " * 100, 16, 4,
@@ -89,48 +74,39 @@ class StrategyTrainer:
     ...         hidden_dim=32, num_heads=2, head_dim=16, intermediate_dim=64,
     ...         axial_shape=(4, 4),
     ...         attention_options={"lsh": {"chunk_length": 8}}))
-    ...     trainer = StrategyTrainer(lm, keras.optimizers.Adam(1e-3),
-    ...                               strategy)
+    ...     lm.compile(optimizer=keras.optimizers.Adam(1e-3),
+    ...                loss=keras.losses.SparseCategoricalCrossentropy(
+    ...                    from_logits=True), metrics=[BitsPerByte()])
+    >>> trainer = StrategyTrainer(lm, strategy)
     >>> history = trainer.fit(data, epochs=2, steps_per_epoch=3,
     ...                       validation_data=data.take(2), verbose=0,
+    ...                       callbacks=[keras.callbacks.TerminateOnNaN()],
     ...                       backup_dir="lm.backup")  # resumes if killed
-    >>> len(history["val_bits_per_byte"])
+    >>> len(history.history["val_bits_per_byte"])
     2
     """
 
-    def __init__(self, model, optimizer, strategy=None, loss_fn=None,
-                 jit_compile=False):
+    def __init__(self, model, strategy=None):
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model; received "
                              f"model={model!r}.")
-        if not isinstance(optimizer, keras.optimizers.Optimizer):
-            raise ValueError(f"optimizer must be a Keras 3 optimizer "
-                             f"(keras.optimizers.Optimizer); received "
-                             f"optimizer={optimizer!r}.")
+        if not model.compiled or model.optimizer is None:
+            raise ValueError(f"model must be compiled with an optimizer and "
+                             f"a loss (model.compile(...) in "
+                             f"strategy.scope()); received model={model!r}, "
+                             f"which is not.")
         if strategy is None:
             strategy = tf.distribute.get_strategy()
         if not isinstance(strategy, tf.distribute.Strategy):
             raise ValueError(f"strategy must be a tf.distribute.Strategy; "
                              f"received strategy={strategy!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"loss_fn must be callable; received "
-                             f"loss_fn={loss_fn!r}.")
-        if not isinstance(jit_compile, bool):
-            raise ValueError(f"jit_compile must be True or False; received "
-                             f"jit_compile={jit_compile!r}.")
         self.model = model
-        self.optimizer = optimizer
         self.strategy = strategy
-        self.loss_fn = loss_fn or token_cross_entropy
-        self.jit_compile = jit_compile
-        self._gradients = (tf.function(self._loss_and_gradients,
-                                       jit_compile=True)
-                           if jit_compile else self._loss_and_gradients)
         with strategy.scope():
             # Slot variables must be mirrored too: create them in scope.
-            optimizer.build(model.trainable_variables)
+            model.optimizer.build(model.trainable_variables)
         self._train_step = tf.function(self._distributed_train_step)
-        self._eval_step = tf.function(self._distributed_eval_step)
+        self._test_step = tf.function(self._distributed_test_step)
 
     def distribute(self, dataset):
         """Splits each global batch of `dataset` over the replicas.
@@ -158,48 +134,14 @@ class StrategyTrainer:
         return self.strategy.experimental_distribute_dataset(
             dataset.with_options(options))
 
-    def _loss_and_gradients(self, inputs, labels, global_batch):
-        with tf.GradientTape() as tape:
-            logits = self.model(inputs, training=True)
-            per_token = self.loss_fn(labels, logits)
-            per_example = tf.reduce_mean(
-                tf.reshape(per_token, (tf.shape(per_token)[0], -1)), axis=1)
-            loss = tf.nn.compute_average_loss(
-                per_example, global_batch_size=global_batch)
-            if self.model.losses:
-                loss += tf.nn.scale_regularization_loss(
-                    tf.add_n(self.model.losses))
-        return loss, tape.gradient(loss, self.model.trainable_variables)
-
-    def _replica_train_step(self, inputs, labels):
-        global_batch = (tf.shape(labels)[0] *
-                        self.strategy.num_replicas_in_sync)
-        loss, gradients = self._gradients(inputs, labels, global_batch)
-        variables = self.model.trainable_variables
-        # Sums the replicas' gradients (an all-reduce across workers) and
-        # updates the mirrored variables alike everywhere.
-        self.optimizer.apply(gradients, variables)
-        return loss
-
     def _distributed_train_step(self, batch):
-        inputs, labels = batch
-        losses = self.strategy.run(self._replica_train_step,
-                                   args=(inputs, labels))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses,
-                                    axis=None)
+        self.strategy.run(self.model.train_step, args=(batch,))
+        # Read in cross-replica context: summed over replicas and workers.
+        return self.model.get_metrics_result()
 
-    def _replica_eval_step(self, inputs, labels):
-        per_token = self.loss_fn(labels, self.model(inputs, training=False))
-        return (tf.reduce_sum(per_token),
-                tf.cast(tf.size(per_token), tf.float32))
-
-    def _distributed_eval_step(self, batch):
-        inputs, labels = batch
-        total, count = self.strategy.run(self._replica_eval_step,
-                                         args=(inputs, labels))
-        reduce = tf.distribute.ReduceOp.SUM
-        return (self.strategy.reduce(reduce, total, axis=None),
-                self.strategy.reduce(reduce, count, axis=None))
+    def _distributed_test_step(self, batch):
+        self.strategy.run(self.model.test_step, args=(batch,))
+        return self.model.get_metrics_result()
 
     def train_step(self, batch):
         """One optimizer step on one distributed global batch.
@@ -208,12 +150,14 @@ class StrategyTrainer:
             batch: `(inputs, labels)` from an iterator over `distribute(...)`.
 
         Returns:
-            The global batch's mean loss, a float (the same on every worker).
+            A dict of the model's metrics (`loss` and the compiled ones)
+            over the steps since `model.reset_metrics()`, floats, the same
+            on every worker.
         """
-        return float(self._train_step(batch))
+        return _floats(self._train_step(batch))
 
     def evaluate(self, dataset, steps=None):
-        """Mean per-token loss over `dataset`, combined across workers.
+        """The model's metrics over `dataset`, combined across workers.
 
         Args:
             dataset: `tf.data.Dataset` of `(inputs, labels)` global batches
@@ -221,30 +165,35 @@ class StrategyTrainer:
             steps: int or None, evaluate at most this many batches.
 
         Returns:
-            `{"loss": mean nats per token, "bits_per_byte": loss / ln 2}`
-            (bits per byte for a byte-level model with the default loss),
-            identical on every worker.
+            A dict of floats (`loss` and the compiled metrics), identical on
+            every worker.
         """
         if steps is not None:
             check_positive_int("steps", steps)
-        total, count = 0.0, 0.0
+        self.model.reset_metrics()
+        logs = None
         for step, batch in enumerate(self.distribute(dataset)):
             if steps is not None and step >= steps:
                 break
-            batch_total, batch_count = self._eval_step(batch)
-            total += float(batch_total)
-            count += float(batch_count)
-        if not count:
+            logs = self._test_step(batch)
+        if logs is None:
             raise ValueError(f"dataset must yield at least one batch to "
                              f"evaluate; received dataset={dataset!r}, which "
                              "yielded none.")
-        loss = total / count
-        return {"loss": loss, "bits_per_byte": loss / math.log(2.0)}
+        return _floats(logs)
 
     def fit(self, dataset, epochs, steps_per_epoch, validation_data=None,
             callbacks=None, verbose=1, backup_dir=None, weights_path=None,
             delete_backup=True):
-        """Trains `epochs` x `steps_per_epoch` steps.
+        """Trains `epochs` x `steps_per_epoch` steps, like `Model.fit`.
+
+        Callbacks go through a `keras.callbacks.CallbackList` as in `fit`:
+        `set_model`, `set_params` (`epochs`, `steps`, `verbose`), the train,
+        epoch and batch hooks with `fit`'s logs, a `History` (returned) and,
+        on the chief, a progress bar; setting `model.stop_training` (as
+        `EarlyStopping` and `TerminateOnNaN` do) ends training after the
+        current batch, on every worker alike, since every worker sees the
+        same logs.
 
         With `backup_dir`, a run that is killed and started again with the
         same arguments goes on from its last finished epoch: after every
@@ -278,11 +227,10 @@ class StrategyTrainer:
             steps_per_epoch: int, optimizer steps per epoch; a resumed run
                 must use the backed-up run's value.
             validation_data: optional finite `tf.data.Dataset`, evaluated
-                after each epoch (`val_loss`, `val_bits_per_byte`).
-            callbacks: optional list of `keras.callbacks.Callback`; only
-                their train and epoch hooks are called (`on_train_begin`,
-                `on_epoch_begin`, `on_epoch_end(epoch, logs)`,
-                `on_train_end`), with the logs `fit` would give.
+                after each epoch (`val_` + each metric's name).
+            callbacks: optional list of `keras.callbacks.Callback`. Each
+                runs on every worker: give callbacks that write files
+                (`TensorBoard`, say) to the chief only (`is_chief`).
             verbose: 0 silent, 1 a progress bar on the chief, 2 one line
                 per epoch on the chief.
             backup_dir: optional str or path-like, the directory of the
@@ -301,10 +249,9 @@ class StrategyTrainer:
                 `fit` restores it and trains no more epochs.
 
         Returns:
-            A dict of per-epoch lists: `loss`, `bits_per_byte` (the mean
-            training loss of the epoch's steps) and, with validation data,
-            `val_loss`, `val_bits_per_byte`; after a resume, the restored
-            epochs' values come first.
+            A `keras.callbacks.History` whose `history` holds per-epoch
+            lists of the logs; after a resume, the restored epochs' values
+            come first.
 
         Example (see the class for a runnable one): a run of
 
@@ -334,31 +281,31 @@ class StrategyTrainer:
                 raise ValueError(f"backup_dir must be a directory (or not "
                                  f"exist yet); received "
                                  f"backup_dir={backup_dir!r}, a file.")
-        log_names = ["loss", "bits_per_byte"]
-        if validation_data is not None:
-            log_names += ["val_loss", "val_bits_per_byte"]
         if weights_path is not None:
-            _check_weights_path(weights_path, log_names)
-        callbacks = list(callbacks or [])
+            _check_weights_path(weights_path)
         chief = is_chief(self.strategy)
-        history = {}
+        history = keras.callbacks.History()
+        callbacks = keras.callbacks.CallbackList(
+            list(callbacks or []) + [history],
+            add_progbar=chief and verbose != 0, verbose=verbose,
+            epochs=epochs, steps=steps_per_epoch, model=self.model)
         initial_epoch = 0
+        logs = {}
         with contextlib.ExitStack() as stack:
             backup = None
             if backup_dir is not None:
                 backup = _Backup(self, backup_dir, steps_per_epoch,
                                  stack.enter_context(
                                      chief_path(backup_dir, self.strategy)))
-                initial_epoch, history = backup.restore()
+                initial_epoch, history.history = backup.restore()
                 if initial_epoch and chief and verbose:
                     print(f"Restored the backup of epoch {initial_epoch} "
                           f"from {backup_dir}; " + (
                               f"resuming at epoch {initial_epoch + 1}/"
                               f"{epochs}." if initial_epoch < epochs else
                               f"all {epochs} epochs were done."), flush=True)
-            for callback in callbacks:
-                callback.set_model(self.model)
-                callback.on_train_begin()
+            self.model.stop_training = False
+            callbacks.on_train_begin()
             consumed = initial_epoch * steps_per_epoch
             if consumed and isinstance(dataset, tf.data.Dataset):
                 dataset = dataset.skip(consumed)
@@ -367,51 +314,41 @@ class StrategyTrainer:
             for _ in range(consumed):  # an already distributed dataset
                 next(iterator)
             for epoch in range(initial_epoch, epochs):
-                logs = self._fit_epoch(iterator, epoch, epochs,
-                                       steps_per_epoch, validation_data,
-                                       callbacks, chief, verbose)
-                for name, value in logs.items():
-                    history.setdefault(name, []).append(value)
+                logs = self._fit_epoch(iterator, epoch, steps_per_epoch,
+                                       validation_data, callbacks)
                 # Saved before the callbacks run: once an epoch is reported,
                 # it is backed up.
                 if backup is not None:
-                    backup.save(epoch + 1, history)
+                    backup.save(epoch + 1, {
+                        name: history.history.get(name, []) + [value]
+                        for name, value in logs.items()})
                 if weights_path is not None:
-                    self._save_weights(weights_path.format(epoch=epoch + 1,
-                                                           **logs))
-                for callback in callbacks:
-                    callback.on_epoch_end(epoch, logs)
+                    self._save_weights(_format_weights_path(
+                        weights_path, epoch + 1, logs))
+                callbacks.on_epoch_end(epoch, logs)
+                if self.model.stop_training:
+                    break
             if backup is not None and chief and delete_backup:
                 tf.io.gfile.rmtree(backup_dir)
-        for callback in callbacks:
-            callback.on_train_end()
+        callbacks.on_train_end(logs)
         return history
 
-    def _fit_epoch(self, iterator, epoch, epochs, steps_per_epoch,
-                   validation_data, callbacks, chief, verbose):
+    def _fit_epoch(self, iterator, epoch, steps_per_epoch, validation_data,
+                   callbacks):
         """Trains one epoch; returns its logs."""
-        for callback in callbacks:
-            callback.on_epoch_begin(epoch)
-        start = time.time()
-        progress = None
-        if chief and verbose == 1:
-            print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-            progress = keras.utils.Progbar(steps_per_epoch,
-                                           stateful_metrics=["loss"])
-        total = 0.0
+        self.model.reset_metrics()
+        callbacks.on_epoch_begin(epoch)
+        logs = {}
         for step in range(steps_per_epoch):
-            total += self.train_step(next(iterator))
-            if progress is not None:
-                progress.update(step + 1, [("loss", total / (step + 1))])
-        logs = {"loss": total / steps_per_epoch}
-        logs["bits_per_byte"] = logs["loss"] / math.log(2.0)
+            callbacks.on_train_batch_begin(step)
+            logs = self.train_step(next(iterator))
+            callbacks.on_train_batch_end(step, logs)
+            if self.model.stop_training:
+                break
+        logs = dict(logs)
         if validation_data is not None:
             for name, value in self.evaluate(validation_data).items():
                 logs["val_" + name] = value
-        if chief and verbose:
-            print(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
-                f"{name} {value:.4f}" for name, value in logs.items())
-                + f" ({time.time() - start:.0f} s)", flush=True)
         return logs
 
     def _save_weights(self, path):
@@ -421,6 +358,10 @@ class StrategyTrainer:
             if directory:
                 tf.io.gfile.makedirs(directory)
             self.model.save_weights(target)
+
+
+def _floats(logs):
+    return {name: float(value) for name, value in logs.items()}
 
 
 class _History(tf.train.experimental.PythonState):
@@ -449,7 +390,7 @@ class _Backup:
         self.state = _History()
         self.checkpoint = tf.train.Checkpoint(
             model_variables=list(trainer.model.variables),
-            optimizer_variables=list(trainer.optimizer.variables),
+            optimizer_variables=list(trainer.model.optimizer.variables),
             finished_epochs=self.finished_epochs,
             state=self.state)
         self.manager = tf.train.CheckpointManager(
@@ -487,26 +428,38 @@ class _Backup:
         self.manager.save(checkpoint_number=finished_epochs)
 
 
-def _check_weights_path(weights_path, log_names):
-    """Raises ValueError unless `weights_path` formats to a `.weights.h5`
-    file name with `epoch` and the names in `log_names`."""
-    allowed = ", ".join(["epoch"] + list(log_names))
+def _check_weights_path(weights_path):
+    """Raises ValueError unless `weights_path` is a format string of a
+    `.weights.h5` file name."""
     if not isinstance(weights_path, str) or not weights_path:
         raise ValueError(f"weights_path must be None or a non-empty str "
                          f"ending in .weights.h5; received "
                          f"weights_path={weights_path!r}.")
     try:
-        example = weights_path.format(
-            epoch=1, **{name: 0.0 for name in log_names})
+        fields = [field for _, field, _, _ in
+                  string.Formatter().parse(weights_path) if field]
+    except ValueError as error:
+        raise ValueError(f"weights_path must be a format string like "
+                         f"epoch_{{epoch:02d}}.weights.h5; received "
+                         f"weights_path={weights_path!r} ({error})."
+                         ) from None
+    if not weights_path.endswith(".weights.h5") or any(
+            "{" in field for field in fields):
+        raise ValueError(f"weights_path must end in .weights.h5 (Keras's "
+                         f"save_weights format); received "
+                         f"weights_path={weights_path!r}.")
+
+
+def _format_weights_path(weights_path, epoch, logs):
+    """`weights_path` formatted with `epoch` and the epoch's `logs`."""
+    try:
+        return weights_path.format(epoch=epoch, **logs)
     except (KeyError, IndexError, ValueError, AttributeError) as error:
+        allowed = ", ".join(["epoch"] + list(logs))
         raise ValueError(f"weights_path may only use the format fields "
                          f"{allowed} (e.g. epoch_{{epoch:02d}}); received "
                          f"weights_path={weights_path!r} ({error!r})."
                          ) from None
-    if not example.endswith(".weights.h5"):
-        raise ValueError(f"weights_path must end in .weights.h5 (Keras's "
-                         f"save_weights format); received "
-                         f"weights_path={weights_path!r}.")
 
 
 def is_chief(strategy=None):

@@ -4,17 +4,19 @@
 ReformerCausalLM (LSH and local attention, reversible stack) for a few SGD
 steps on one fixed global batch, split over two workers (TF_CONFIG); both
 workers must end with the same weights, and losses and weights must match a
-single process training the whole batch with a plain GradientTape.
+single process training the whole batch with a plain GradientTape. The same
+workers then run `fit` with Keras callbacks: `EarlyStopping` and
+`TerminateOnNaN` stop both workers alike.
 
 `StrategyTrainer.fit(backup_dir=...)`: two workers killed with SIGKILL after
 an epoch's backup and started again resume at the next epoch and end with
 the weights and history of an uninterrupted two-worker run.
 """
 
-import json
+import math
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,15 +28,19 @@ import numpy as np
 import pytest
 
 from tests.helpers import TINY_LM_SOURCE
+from tests.processes import ROOT
+from tests.processes import cluster_env
+from tests.processes import free_ports
+from tests.processes import result_of
+from tests.processes import run_workers
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="tf.distribute is TensorFlow's")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
 # argv: mode ("worker" or "reference"), output .npz, output directory,
-# steps, "jit" or "nojit".
+# steps.
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -42,30 +48,67 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     from keras_reformer import multi_worker_training as mwt
+    from keras_reformer.metrics import BitsPerByte
     from keras_reformer.models import ReformerBackbone, ReformerCausalLM
 
     mode, output, directory = sys.argv[1:4]
     STEPS = int(sys.argv[4])
-    JIT = sys.argv[5] == "jit"
     strategy = (tf.distribute.MultiWorkerMirroredStrategy()
                 if mode == "worker" else tf.distribute.get_strategy())
 
 """) + TINY_LM_SOURCE + textwrap.dedent("""
     def make():
-        return ReformerCausalLM(tiny_backbone()), keras.optimizers.SGD(0.1)
+        model = ReformerCausalLM(tiny_backbone())
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True),
+                      metrics=[BitsPerByte()], weighted_metrics=None)
+        return model, model.optimizer
 
     held = np.random.RandomState(1).randint(1, 50, (16, 65)).astype("int32")
     held_x = {"token_ids": held[:, :-1],
               "padding_mask": np.ones((16, 64), "int32")}
     held_y = held[:, 1:]
 
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches, self.log_names = [], set()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches.append([self.epoch, batch])
+            self.log_names.update(logs)
+
+    def callback_runs(trainer, train):
+        # fit with EarlyStopping, then with TerminateOnNaN.
+        record, stop = Record(), keras.callbacks.EarlyStopping(
+            monitor="loss", patience=0, min_delta=100.0)
+        history = trainer.fit(train, epochs=4, steps_per_epoch=2, verbose=2,
+                              callbacks=[record, stop])
+        early = {"history": history.history, "params": record.params,
+                 "batches": record.batches,
+                 "log_names": sorted(record.log_names),
+                 "stopped_epoch": stop.stopped_epoch}
+        kernel = model.trainable_variables[0]
+        kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+        steps_before = int(model.optimizer.iterations.numpy())
+        record = Record()
+        history = trainer.fit(train, epochs=3, steps_per_epoch=3, verbose=0,
+                              callbacks=[keras.callbacks.TerminateOnNaN(),
+                                         record])
+        return {"early": early, "nan": {
+            "epochs": len(history.history["loss"]), "batches": record.batches,
+            "steps": int(model.optimizer.iterations.numpy()) - steps_before}}
+
     with strategy.scope():
         model, optimizer = make()
     result = {}
     if mode == "worker":
         assert strategy.num_replicas_in_sync == 2
-        trainer = mwt.StrategyTrainer(model, optimizer, strategy,
-                                      jit_compile=JIT)
+        trainer = mwt.StrategyTrainer(model, strategy)
         train = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
         iterator = iter(trainer.distribute(train))
         batches = [next(iterator) for _ in range(STEPS)]
@@ -73,7 +116,12 @@ SCRIPT = textwrap.dedent("""
         local = strategy.experimental_local_results(batches[0])[0]
         result["rows"] = [ids[:, :-1].tolist().index(row) for row in
                           local[0]["token_ids"].numpy().tolist()]
-        losses = [trainer.train_step(batch) for batch in batches]
+        logs = []
+        for batch in batches:
+            model.reset_metrics()
+            logs.append(trainer.train_step(batch))
+        losses = [step["loss"] for step in logs]
+        result["bits_per_byte"] = [step["bits_per_byte"] for step in logs]
         held_out = tf.data.Dataset.from_tensor_slices(
             (held_x, held_y)).batch(8, drop_remainder=True)
         evaluation = trainer.evaluate(held_out)
@@ -102,70 +150,26 @@ SCRIPT = textwrap.dedent("""
     result.update(losses=losses, eval_loss=evaluation["loss"])
     weights = model.get_weights()
     np.savez(output, *weights)
+    if mode == "worker":
+        result.update(callback_runs(trainer, train))
     print("RESULT" + json.dumps(result), flush=True)
 """)
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def run_workers(commands, timeout):
-    """Starts one process per `(argv, env)` and waits for all of them; kills
-    every one that is still running on a timeout or failure."""
-    processes = [subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
-                                  stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT)
-                 for argv, env in commands]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=timeout)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return [(p.returncode, out) for p, out in zip(processes, outputs)]
-
-
-def cluster_env(ports, index, **extra):
-    config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-              "task": {"type": "worker", "index": index}}
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                TF_CONFIG=json.dumps(config), **extra)
-
-
-def result_of(output):
-    line = [l for l in output.splitlines() if l.startswith("RESULT")]
-    assert line, output[-3000:]
-    return json.loads(line[-1][len("RESULT"):])
-
-
-@pytest.mark.parametrize("jit", ["nojit", "jit"])
-def test_two_workers_agree_and_match_one_process(tmp_path, jit):
-    """With `jit_compile=True` each worker's forward and backward pass is
-    compiled by XLA; the reference never is."""
+def test_two_workers_agree_match_one_process_and_keep_fits_callbacks(
+        tmp_path):
     ports = free_ports(2)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("TF_CONFIG", None)
     runs = run_workers(
         [([sys.executable, "-c", SCRIPT, "worker", str(tmp_path / f"w{i}.npz"),
-           str(tmp_path), str(STEPS), jit], cluster_env(ports, i))
+           str(tmp_path), str(STEPS)], cluster_env(ports, i))
          for i in range(2)], timeout=240)
     for code, output in runs:
         assert code == 0, output[-4000:]
     (reference_code, reference_output), = run_workers(
         [([sys.executable, "-c", SCRIPT, "reference",
-           str(tmp_path / "single.npz"), str(tmp_path), str(STEPS), "nojit"],
-          env)],
+           str(tmp_path / "single.npz"), str(tmp_path), str(STEPS)], env)],
         timeout=240)
     assert reference_code == 0, reference_output[-4000:]
 
@@ -189,6 +193,10 @@ def test_two_workers_agree_and_match_one_process(tmp_path, jit):
     assert moved < 1e-5, moved
     assert chief["eval_loss"] == other["eval_loss"]
     assert abs(chief["eval_loss"] - reference["eval_loss"]) < 1e-5
+    # The compiled metric is reported, over the global batch.
+    np.testing.assert_allclose(
+        chief["bits_per_byte"],
+        [loss / math.log(2.0) for loss in reference["losses"]], atol=1e-5)
 
     # Only the chief's file is kept; the other worker's temporary is gone.
     assert chief["chief"] and not other["chief"]
@@ -197,16 +205,50 @@ def test_two_workers_agree_and_match_one_process(tmp_path, jit):
     assert (tmp_path / "lm.weights.h5").is_file()
     assert other["path"] != chief["path"] and not other["left_behind"]
 
+    # fit's callback protocol on both workers: parameters, batch hooks with
+    # the compiled metrics, EarlyStopping ending the run after epoch 2 of 4
+    # (no improvement by 100 nats), TerminateOnNaN after the first step.
+    for result in (chief, other):
+        early = result["early"]
+        assert early["params"] == {"epochs": 4, "steps": 2, "verbose": 2}
+        assert early["batches"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+        assert early["log_names"] == ["bits_per_byte", "loss"]
+        assert early["stopped_epoch"] == 1
+        assert sorted(early["history"]) == ["bits_per_byte", "loss"]
+        assert len(early["history"]["loss"]) == 2
+        assert result["nan"] == {"epochs": 1, "batches": [[0, 0]],
+                                 "steps": 1}
+    assert chief["early"]["history"] == other["early"]["history"]
+    # The progress lines (verbose=2: one per epoch) come from the chief only.
+    progress = [re.findall(r"^2/2 .*loss: [0-9.]+", output, re.MULTILINE)
+                for _, output in runs]
+    assert len(progress[0]) == 2 and progress[1] == [], progress
 
-def test_bad_arguments_are_rejected_by_name():
+
+def dense_classifier():
+    """A compiled one-layer model and a repeating dataset for it."""
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    data = tf.data.Dataset.from_tensors(
+        (np.ones((4, 2), "float32"), np.zeros(4, "int32"))).repeat()
+    return model, data
+
+
+def test_bad_arguments_are_rejected_by_name(tmp_path):
     from keras_reformer import multi_worker_training as mwt
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    with pytest.raises(ValueError, match="optimizer must be"):
-        mwt.StrategyTrainer(model, "sgd")
-    with pytest.raises(ValueError, match="model must be"):
-        mwt.StrategyTrainer("model", keras.optimizers.SGD())
-    trainer = mwt.StrategyTrainer(model, keras.optimizers.SGD())
+    model, data = dense_classifier()
+    with pytest.raises(ValueError, match="model must be compiled"):
+        mwt.StrategyTrainer(keras.Sequential([keras.layers.Dense(1)]))
+    with pytest.raises(ValueError, match="model must be a keras.Model"):
+        mwt.StrategyTrainer("model")
+    with pytest.raises(ValueError, match="strategy must be"):
+        mwt.StrategyTrainer(model, "mirrored")
+    trainer = mwt.StrategyTrainer(model)
     with pytest.raises(ValueError, match="epochs must be a positive"):
         trainer.fit(None, epochs=0, steps_per_epoch=1)
     with pytest.raises(ValueError, match="dataset must be a tf.data"):
@@ -218,11 +260,15 @@ def test_bad_arguments_are_rejected_by_name():
             (dict(backup_dir=__file__), "backup_dir must be a directory"),
             (dict(weights_path="lm.h5"), "weights_path must end in "
                                          r"\.weights\.h5"),
-            (dict(weights_path="{step}.weights.h5"),
-             "weights_path may only use the format fields epoch, loss"),
+            (dict(weights_path="{epoch"), "weights_path must be a format"),
             (dict(weights_path=7), "weights_path must be None or")]:
         with pytest.raises(ValueError, match=message):
             trainer.fit(None, epochs=1, steps_per_epoch=1, **bad)
+    # A field the logs lack is named at the first save.
+    with pytest.raises(ValueError, match="weights_path may only use the "
+                                         "format fields epoch, loss"):
+        trainer.fit(data, epochs=1, steps_per_epoch=1, verbose=0,
+                    weights_path=str(tmp_path / "{step}.weights.h5"))
     assert mwt.is_chief()
     with mwt.chief_path("somewhere/lm") as path:
         assert path == "somewhere/lm"
@@ -231,26 +277,22 @@ def test_bad_arguments_are_rejected_by_name():
 def test_a_kept_backup_restores_the_finished_run_without_training(tmp_path):
     """`fit(delete_backup=False)` keeps the backup; the same `fit` again
     restores the trained weights and history and trains no more steps."""
-    import tensorflow as tf
-
     from keras_reformer import multi_worker_training as mwt
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    trainer = mwt.StrategyTrainer(model, keras.optimizers.SGD(0.1))
-    data = tf.data.Dataset.from_tensors(
-        (np.ones((4, 2), "float32"), np.zeros(4, "int32"))).repeat()
+    model, data = dense_classifier()
+    trainer = mwt.StrategyTrainer(model)
     backup = tmp_path / "backup"
 
     def fit():
         return trainer.fit(data, epochs=2, steps_per_epoch=2, verbose=0,
-                           backup_dir=backup, delete_backup=False)
+                           backup_dir=backup, delete_backup=False).history
 
     history = fit()
-    assert backup.is_dir()
+    assert backup.is_dir() and len(history["loss"]) == 2
     trained = model.get_weights()
     model.set_weights([np.zeros_like(w) for w in trained])
     assert fit() == history
-    assert int(trainer.optimizer.iterations) == 4
+    assert int(model.optimizer.iterations.numpy()) == 4
     for weight, expected in zip(model.get_weights(), trained):
         np.testing.assert_array_equal(weight, expected)
 
@@ -280,8 +322,11 @@ RESUME_SCRIPT = textwrap.dedent("""
     train = train.shuffle(24, seed=3).repeat().batch(8, drop_remainder=True)
     with strategy.scope():
         model = ReformerCausalLM(tiny_backbone())
-        optimizer = keras.optimizers.Adam(1e-2)
-    trainer = mwt.StrategyTrainer(model, optimizer, strategy)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        optimizer = model.optimizer
+    trainer = mwt.StrategyTrainer(model, strategy)
 
     def state():
         return model.get_weights() + [np.array(v) for v in optimizer.variables]
@@ -303,7 +348,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     record = Record()
     history = trainer.fit(train, epochs=EPOCHS, steps_per_epoch=2,
                           callbacks=[record], verbose=2,
-                          backup_dir=backup_dir, weights_path=weights_path)
+                          backup_dir=backup_dir,
+                          weights_path=weights_path).history
     np.savez(output + ".end.npz", *state())
     print("RESULT" + json.dumps({
         "history": history, "begun": record.begun,

@@ -1,15 +1,17 @@
 """Smoke run of examples/train_lm.py with tiny settings."""
 
-import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.processes import cluster_env
+from tests.processes import free_ports
+from tests.processes import run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
@@ -147,26 +149,6 @@ def test_saved_model_generates_what_greedy_whole_prefix_decoding_gives(
     assert sample == text_data.detokenize(ids[len(prompt):])
 
 
-def test_a_model_trained_on_jax_is_exported_from_tensorflow(tmp_path):
-    """On JAX the example trains, samples and saves, and says how to export;
-    `saved_lm.py export` then writes the SavedModel from the .keras file in
-    a TensorFlow process and checks its logits against the model's."""
-    export_dir = tmp_path / "lm"
-    run = run_example(*TINY_FLAGS, "--epochs", "1", "--export-dir",
-                      str(export_dir), backend="jax")
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-4000:]
-    assert "Not exported" in run.stdout and "saved_lm.py export" in run.stdout
-    assert not export_dir.exists()
-
-    run = run_example("export", str(export_dir) + ".keras", str(export_dir),
-                      script=SAVED_LM)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    difference = re.search(r"max difference ([0-9.e+-]+)", run.stdout)
-    assert difference and float(difference.group(1)) < 1e-3, run.stdout
-    assert (export_dir / "saved_model.pb").is_file()
-
-
 def usage_error(parse_args, flags, capsys):
     """The message `parse_args(flags)` exits with (status 2, argparse's)."""
     with pytest.raises(SystemExit) as exit_info:
@@ -227,6 +209,16 @@ def test_an_unreadable_corpus_ends_with_its_message_not_a_traceback():
      "--num-hashes must be an integer between 1 and 64; received 100000"),
     (["--seed", "-1"],
      "--seed must be an integer between 0 and 2147483647; received -1"),
+    (["--distribution", "data_parallel"],
+     "--distribution data_parallel needs the JAX backend (KERAS_BACKEND=jax)"
+     "; this run uses tensorflow"),
+    (["--num-processes", "2", "--coordinator-address", "127.0.0.1:1234"],
+     "--num-processes 2 needs --distribution data_parallel or "
+     "model_parallel"),
+    (["--num-processes", "2", "--process-id", "2"],
+     "--process-id must be an integer between 0 and 1; received 2"),
+    (["--num-processes", "0"],
+     "--num-processes must be a positive integer; received 0"),
 ])
 def test_bad_flags_are_rejected_with_a_clear_message(flags, message, capsys):
     assert message in usage_error(train_lm.parse_args, flags, capsys)
@@ -313,33 +305,16 @@ def test_multi_worker_strategy_trains_on_two_workers_and_the_chief_exports(
     """Two worker processes on 127.0.0.1 (TF_CONFIG): both train, report the
     same held-out bits per byte, and only the chief's export and per-epoch
     weights are kept."""
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(2)
     export_dir = tmp_path / "lm"
     flags = ["--strategy", "multi_worker_mirrored", *TINY_FLAGS, "--epochs",
              "1", "--export-dir", str(export_dir)]
-    workers = []
-    try:
-        for index in range(2):
-            config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                      "task": {"type": "worker", "index": index}}
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                       TF_CONFIG=json.dumps(config))
-            workers.append(subprocess.Popen(
-                [sys.executable, SCRIPT, *flags], cwd=ROOT, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-4000:]
+    runs = run_workers([([sys.executable, SCRIPT, *flags],
+                         cluster_env(ports, index)) for index in range(2)],
+                       timeout=240)
+    outputs = [output for _, output in runs]
+    for code, output in runs:
+        assert code == 0, output[-4000:]
         assert "2 replica(s)" in output, output[-3000:]
     reported = [re.findall(r"held-out bits per byte ([0-9.]+|nan|inf)", out)
                 for out in outputs]

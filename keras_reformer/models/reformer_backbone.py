@@ -195,6 +195,60 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
         x, cache = self.reversible_stack.call_with_cache(x, cache, index)
         return self.final_norm(x), cache
 
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model"):
+        """A `keras.distribution.LayoutMap` sharding heads and feed-forward
+        width over the mesh's model axis.
+
+        Every attention layer's query/key/value projections
+        `(hidden, heads, head_dim)` and output projection
+        `(heads, head_dim, hidden)` are split by head, and every
+        feed-forward's first layer (kernel and bias) by output unit and its
+        second layer by input unit, so each device holds
+        `1 / model-axis size` of them; all other weights (embeddings, norms,
+        LSH rotations, Linformer projections) are replicated. `num_heads`
+        and `intermediate_dim` must be multiples of the model axis's size.
+        Use it with `keras.distribution.ModelParallel`, whose batch axis
+        splits the data.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: str, the mesh axis that splits the
+                weights.
+
+        Returns:
+            A `keras.distribution.LayoutMap`.
+
+        Example:
+        >>> mesh = keras.distribution.DeviceMesh(
+        ...     (1, 2), ("batch", "model"), ["cpu:0", "cpu:1"])
+        >>> layout_map = ReformerBackbone.get_layout_map(mesh)
+        >>> layout_map["reversible_stack/reversible_block_0/"
+        ...     "attention_branch_0/attention_0/value_kernel"].axes
+        (None, 'model', None)
+        """
+        if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+            raise ValueError(f"device_mesh must be a keras.distribution."
+                             f"DeviceMesh; received device_mesh="
+                             f"{device_mesh!r}.")
+        if model_parallel_dim_name not in device_mesh.axis_names:
+            raise ValueError(
+                f"model_parallel_dim_name must name an axis of device_mesh "
+                f"({list(device_mesh.axis_names)}); received "
+                f"model_parallel_dim_name={model_parallel_dim_name!r}.")
+        model = model_parallel_dim_name
+        layout_map = keras.distribution.LayoutMap(device_mesh)
+        # Raw kernels (`value_kernel`) or Dense sublayers (`value/kernel`).
+        attention = r".*/attention_\d+/"
+        feed_forward = r".*/feed_forward_\d+/"
+        layout_map[attention + r"(query_key|query|key|value)[_/]kernel"] = (
+            None, model, None)
+        layout_map[attention + r"output[_/]kernel"] = (model, None, None)
+        layout_map[feed_forward + r"intermediate[_/]kernel"] = (None, model)
+        layout_map[feed_forward + r"intermediate[_/]bias"] = (model,)
+        layout_map[feed_forward + r"output[_/]kernel"] = (model, None)
+        return layout_map
+
     @property
     def max_length(self):
         """The longest input the position embedding covers."""
