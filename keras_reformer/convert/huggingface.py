@@ -157,31 +157,33 @@ def _load_weights(lm, weights, config):
         attention = block.f.layer
         source = prefix + "attention.self_attention."
         if isinstance(attention, LSHSelfAttention):
-            attention.query_key_kernel.assign(
+            attention.query_key_dense.kernel.assign(
                 _dense_to_heads(take(source + "query_key.weight"), heads))
             if config.hash_seed is not None:
                 attention.rotations.assign(huggingface_rotations(
                     config, attention.head_dim,
                     attention.resolved_num_buckets))
         elif isinstance(attention, LocalSelfAttention):
-            attention.query_kernel.assign(
+            attention.query_dense.kernel.assign(
                 _dense_to_heads(take(source + "query.weight"), heads))
-            attention.key_kernel.assign(
+            attention.key_dense.kernel.assign(
                 _dense_to_heads(take(source + "key.weight"), heads))
-        attention.value_kernel.assign(
+        attention.value_dense.kernel.assign(
             _dense_to_heads(take(source + "value.weight"), heads))
-        attention.output_kernel.assign(_heads_to_dense(
+        attention.output_dense.kernel.assign(_heads_to_dense(
             take(prefix + "attention.output.dense.weight"), heads))
 
         _assign_norm(block.g.norm, take, prefix + "feed_forward.layer_norm")
         feed_forward = block.g.layer
         source = prefix + "feed_forward."
-        feed_forward.intermediate_kernel.assign(
+        feed_forward.intermediate_dense.kernel.assign(
             take(source + "dense.dense.weight").T)
-        feed_forward.intermediate_bias.assign(take(source + "dense.dense.bias"))
-        feed_forward.output_kernel.assign(
+        feed_forward.intermediate_dense.bias.assign(
+            take(source + "dense.dense.bias"))
+        feed_forward.output_dense.kernel.assign(
             take(source + "output.dense.weight").T)
-        feed_forward.output_bias.assign(take(source + "output.dense.bias"))
+        feed_forward.output_dense.bias.assign(
+            take(source + "output.dense.bias"))
 
     _assign_norm(backbone.final_norm, take, "reformer.encoder.layer_norm")
     head = lm.lm_head
