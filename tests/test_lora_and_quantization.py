@@ -238,3 +238,14 @@ def test_int8_quantizes_every_projection_and_stays_close_to_float32(
                for layer in loaded.backbone.attention_layers
                for dense in layer.projections)
     assert_close(loaded(INPUTS), actual, atol=0)
+
+    # LoRA on the int8 projections (QLoRA): the adapters start at zero and
+    # take gradients.
+    loaded.backbone.enable_lora(RANK)
+    assert_close(loaded(INPUTS), actual, atol=0)
+    adapters = loaded.backbone.trainable_variables
+    assert len(adapters) == 8
+    _, _, grads = value_and_grads(
+        lambda x: ops.sum(loaded(INPUTS) ** 2) + ops.sum(x),
+        np.zeros(1, "float32"), adapters)
+    assert all(np.abs(g).max() > 0 for g in grads[1::2])
