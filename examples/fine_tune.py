@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from keras_reformer import text_data
 from keras_reformer.export import save_preset
+from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerCausalLM
 from keras_reformer.models import ReformerCausalLMPreprocessor
 from keras_reformer.models import ReformerTokenizer
@@ -120,28 +121,39 @@ def text_windows(data, length, count=None):
 
 def bits_per_byte(lm, windows, batch_size):
     """Held-out bits per byte: the summed cross-entropy of every predicted
-    token, in bits, over the bytes of the windows after their first token.
-
-    For a byte-level tokenizer that is the mean of `-log2 p(byte)`; for
-    SentencePiece, the bits of all tokens but the first of each window over
-    the bytes those tokens stand for."""
-    preprocessor = lm.preprocessor
-    logits_of = tf.function(lambda x: lm(x, training=False))
-    total_bits, total_bytes = 0.0, 0
+    token, in bits, over the bytes those tokens stand for (a window's first
+    token is not predicted). For a byte-level tokenizer that is the mean of
+    `-log2 p(byte)`. `lm` must be compiled with `compile_for_bits`."""
+    predicted_tokens, predicted_bytes = 0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
-        x, y, weights = preprocessor(tf.constant(batch))
-        logits = logits_of(x)
-        nats = keras.ops.convert_to_numpy(
-            keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True))
-        weights = keras.ops.convert_to_numpy(weights).astype("float64")
-        total_bits += float(np.sum(nats * weights)) / math.log(2.0)
+        x, _, weights = lm.preprocessor(tf.constant(batch))
+        predicted_tokens += int(np.sum(keras.ops.convert_to_numpy(weights)))
         first_ids = keras.ops.convert_to_numpy(x["token_ids"])[:, 0]
-        total_bytes += sum(len(window) - token_bytes(preprocessor.tokenizer,
-                                                     first_id)
-                           for window, first_id in zip(batch, first_ids))
-    return total_bits / total_bytes
+        predicted_bytes += sum(
+            len(window) - token_bytes(lm.preprocessor.tokenizer, first_id)
+            for window, first_id in zip(batch, first_ids))
+    bits_per_token = lm.evaluate(
+        tf.data.Dataset.from_tensor_slices(windows).batch(batch_size),
+        verbose=0, return_dict=True)["bits_per_token"]
+    return bits_per_token * predicted_tokens / predicted_bytes
+
+
+def compile_for_bits(lm, learning_rate):
+    """Adam on the cross-entropy, with the bits per predicted token."""
+    lm.compile(optimizer=keras.optimizers.Adam(learning_rate),
+               loss=keras.losses.SparseCategoricalCrossentropy(
+                   from_logits=True),
+               weighted_metrics=[BitsPerByte(name="bits_per_token")])
+
+
+def enable_lora(lm, rank):
+    """LoRA on the backbone's attention projections, and the task's own
+    layers (the LM head) frozen: only the adapters train."""
+    lm.backbone.enable_lora(rank)
+    for layer in lm.layers:
+        if layer is not lm.backbone:
+            layer.trainable = False
 
 
 def token_bytes(tokenizer, token_id):
@@ -191,14 +203,13 @@ def main(argv=None):
     if not held_out_windows:
         raise SystemExit("The held-out text is shorter than one window; "
                          "raise --max-corpus-bytes.")
+    compile_for_bits(lm, args.learning_rate)
     before = bits_per_byte(lm, held_out_windows, args.batch_size)
     print(f"==> held-out bits per byte before fine-tuning: {before:.4f}",
           flush=True)
 
-    lm.backbone.enable_lora(args.rank)
-    lm.compile(optimizer=keras.optimizers.Adam(args.learning_rate),
-               loss=keras.losses.SparseCategoricalCrossentropy(
-                   from_logits=True))
+    enable_lora(lm, args.rank)
+    compile_for_bits(lm, args.learning_rate)  # after changing what trains
     print(f"==> LoRA rank {args.rank}: {trainable_summary(lm)}", flush=True)
     start = time.time()
     lm.fit(training_dataset(text_windows(train, args.sequence_length),
@@ -211,8 +222,9 @@ def main(argv=None):
           f"(before {before:.4f})", flush=True)
 
     path = save_preset(lm, args.preset_dir)
-    reloaded = bits_per_byte(ReformerCausalLM.from_preset(path),
-                             held_out_windows, args.batch_size)
+    reloaded_lm = ReformerCausalLM.from_preset(path)
+    compile_for_bits(reloaded_lm, args.learning_rate)
+    reloaded = bits_per_byte(reloaded_lm, held_out_windows, args.batch_size)
     if not math.isclose(reloaded, after, rel_tol=1e-5):
         raise SystemExit(f"The reloaded preset scores {reloaded:.6f} bits per "
                          f"byte, not {after:.6f}.")
