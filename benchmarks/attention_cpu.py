@@ -8,6 +8,9 @@ Prints one JSON line per measurement; the ratio line compares the two
 attentions measured in the same run.
 
     python benchmarks/attention_cpu.py --lengths 1024,4096,16384
+
+`--lsh-options` passes more arguments to the LSH layer (its memory-lean
+paths), e.g. `--lsh-options '{"parallel_heads": 1, "segments": 4}'`.
 """
 
 import argparse
@@ -17,7 +20,7 @@ from isolated import median_seconds
 from isolated import run_single
 
 
-def measure(attention, length, heads, repeats):
+def measure(attention, length, heads, repeats, lsh_options):
     import resource
 
     import numpy as np
@@ -29,7 +32,7 @@ def measure(attention, length, heads, repeats):
     hidden = heads * 64
     if attention == "lsh":
         layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                                 causal=True)
+                                 causal=True, **json.loads(lsh_options))
     else:
         layer = FullSelfAttention(heads, 64, causal=True)
     layer.build((1, length, hidden))
@@ -55,19 +58,21 @@ def main():
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lsh-options", default="{}")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         attention, length = args.single.split(":")
         print(json.dumps(measure(attention, int(length), args.heads,
-                                 args.repeats)))
+                                 args.repeats, args.lsh_options)))
         return
     for length in [int(n) for n in args.lengths.split(",")]:
         results = {}
         for attention in ("lsh", "full"):
             results[attention] = run_single(
                 __file__, f"{attention}:{length}",
-                ["--heads", args.heads, "--repeats", args.repeats])
+                ["--heads", args.heads, "--repeats", args.repeats,
+                 "--lsh-options", args.lsh_options])
             print(json.dumps({"benchmark": "attention_cpu", "attention": attention,
                               "length": length, "heads": args.heads,
                               **results[attention]}), flush=True)

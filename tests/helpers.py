@@ -47,6 +47,12 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def projection_kernels(layer):
+    """The kernels of an attention layer's projections (`projections`),
+    as numpy arrays."""
+    return [to_numpy(dense.kernel) for dense in layer.projections]
+
+
 def assert_close(actual, expected, atol, rtol=0.0):
     np.testing.assert_allclose(to_numpy(actual), to_numpy(expected),
                                atol=atol, rtol=rtol)

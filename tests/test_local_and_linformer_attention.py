@@ -11,6 +11,7 @@ from keras_reformer.layers import local_self_attention
 from tests.helpers import assert_close
 from tests.helpers import assert_recomputed_gradient_equals_autodiff
 from tests.helpers import assert_same_as_whole
+from tests.helpers import projection_kernels
 from tests.helpers import segmented_and_whole
 from tests.helpers import unrolled_runs
 from tests.helpers import to_numpy
@@ -34,7 +35,7 @@ def padding_mask():
 def full_with_weights_of(layer, causal):
     full = FullSelfAttention(2, 8, causal=causal)
     full.build((BATCH, LENGTH, HIDDEN))
-    full.set_weights(layer.get_weights()[:4])
+    full.set_weights(projection_kernels(layer))
     return full
 
 

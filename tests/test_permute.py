@@ -9,7 +9,6 @@ from keras_reformer.layers import LSHSelfAttention
 from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.chunked_attention import dividing_runs
-from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
@@ -18,6 +17,7 @@ from tests.helpers import assert_recomputed_gradient_equals_autodiff
 from tests.helpers import assert_same_as_whole
 from tests.helpers import assert_same_value_and_grads
 from tests.helpers import padded_inputs
+from tests.helpers import projection_kernels
 from tests.helpers import segmented_and_whole
 from tests.helpers import unrolled_runs
 from tests.helpers import value_and_grads
@@ -60,7 +60,7 @@ def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():
     x = np.random.RandomState(1).randn(2, 37, 24).astype("float32")
     lsh.build(x.shape)
     full.build(x.shape)
-    full.set_weights(lsh.get_weights()[:3])
+    full.set_weights(projection_kernels(lsh))
     mask = np.ones((2, 37), "int32")
     mask[0, :5] = 0
 
@@ -129,11 +129,10 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
         monkeypatch):
     grouped, _ = _grouped_and_whole(dropout=0.3)
 
-    def unrolled_groups(self, inputs, valid, rotations, dropout_seed):
+    def unrolled_groups(self, inputs, valid, rotations, dropout_seed,
+                        kernels):
         # The same groups, order and dropout seeds, unrolled, under autodiff.
-        kernels = tensor_values([self.query_key_kernel, self.value_kernel,
-                                 self.output_kernel])
-        query_key = self.project(inputs, self.query_key_kernel)
+        query_key = self.project(inputs, kernels[0])
         _, _, indices = self._sort_by_buckets(self._hash(
             lambda g, size: lsh_self_attention._heads(query_key, g * size,
                                                       size),

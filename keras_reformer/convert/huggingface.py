@@ -109,21 +109,21 @@ def _reshape(tensor, shape):
 # Each attention type's projections: our kernel -> transformers' Linear,
 # below `reformer.encoder.layers.{i}.attention.`.
 ATTENTION_PROJECTIONS = {
-    "lsh": {"query_key_kernel": "self_attention.query_key",
-            "value_kernel": "self_attention.value",
-            "output_kernel": "output.dense"},
-    "local": {"query_kernel": "self_attention.query",
-              "key_kernel": "self_attention.key",
-              "value_kernel": "self_attention.value",
-              "output_kernel": "output.dense"},
+    "lsh": {"query_key_dense.kernel": "self_attention.query_key",
+            "value_dense.kernel": "self_attention.value",
+            "output_dense.kernel": "output.dense"},
+    "local": {"query_dense.kernel": "self_attention.query",
+              "key_dense.kernel": "self_attention.key",
+              "value_dense.kernel": "self_attention.value",
+              "output_dense.kernel": "output.dense"},
 }
 # The feed-forward's weights -> transformers' names (and transform), below
 # `reformer.encoder.layers.{i}.feed_forward.`.
 FEED_FORWARD_WEIGHTS = {
-    "intermediate_kernel": ("dense.dense.weight", _transpose),
-    "intermediate_bias": ("dense.dense.bias", None),
-    "output_kernel": ("output.dense.weight", _transpose),
-    "output_bias": ("output.dense.bias", None),
+    "intermediate_dense.kernel": ("dense.dense.weight", _transpose),
+    "intermediate_dense.bias": ("dense.dense.bias", None),
+    "output_dense.kernel": ("output.dense.weight", _transpose),
+    "output_dense.bias": ("output.dense.bias", None),
 }
 
 

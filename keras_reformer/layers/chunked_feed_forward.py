@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.custom_gradient import tensor_values
+from keras_reformer.layers.projection import effective_kernel
+from keras_reformer.layers.projection import projection
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.seeds import TensorSeed
 from keras_reformer.layers.seeds import draw_seed
@@ -21,6 +23,11 @@ class ChunkedFeedForward(keras.layers.Layer):
     (the gradient recomputes each chunk's intermediate activations), so only
     one chunk's `(batch, chunk_length, intermediate_dim)` activations exist
     at a time. The result equals the unchunked feed-forward.
+
+    The two dense layers are `keras.layers.EinsumDense` sublayers with
+    biases, `intermediate_dense` (layer name "intermediate") and
+    `output_dense` ("output"), so Keras's `quantize("int8")` and LoRA apply
+    to them.
 
     Args:
         intermediate_dim: int, width of the hidden layer.
@@ -54,18 +61,26 @@ class ChunkedFeedForward(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        self.intermediate_kernel = self.add_weight(
-            name="intermediate_kernel",
-            shape=(hidden_dim, self.intermediate_dim),
-            initializer=self.kernel_initializer)
-        self.intermediate_bias = self.add_weight(
-            name="intermediate_bias", shape=(self.intermediate_dim,),
-            initializer="zeros")
-        self.output_kernel = self.add_weight(
-            name="output_kernel", shape=(self.intermediate_dim, hidden_dim),
-            initializer=self.kernel_initializer)
-        self.output_bias = self.add_weight(
-            name="output_bias", shape=(hidden_dim,), initializer="zeros")
+        # === Layers ===
+        self.intermediate_dense = projection(
+            "btm,mi->bti", (None, self.intermediate_dim),
+            self.kernel_initializer, 0, "intermediate", self.dtype_policy,
+            bias_axes="i")
+        self.intermediate_dense.build((None, None, hidden_dim))
+        self.output_dense = projection(
+            "bti,im->btm", (None, hidden_dim), self.kernel_initializer, 1,
+            "output", self.dtype_policy, bias_axes="m")
+        self.output_dense.build((None, None, self.intermediate_dim))
+
+    def weight_values(self, dtype):
+        """`[kernel_1, bias_1, kernel_2, bias_2]` as tensors of `dtype`, the
+        kernels effective ones (see `effective_kernel`: LoRA and int8
+        included)."""
+        values = []
+        for dense in (self.intermediate_dense, self.output_dense):
+            (bias,) = tensor_values([dense.bias])
+            values += [effective_kernel(dense, dtype), ops.cast(bias, dtype)]
+        return values
 
     def feed_forward(self, x, weights, training=False, seed=None):
         """The unchunked feed-forward of `x` with explicit `weights`."""
@@ -84,9 +99,7 @@ class ChunkedFeedForward(keras.layers.Layer):
         training = bool(training)
         seed = draw_seed(seed, self.seed_generator) if training else (
             ops.zeros((2,), "int32"))
-        weights = tensor_values([self.intermediate_kernel,
-                                 self.intermediate_bias, self.output_kernel,
-                                 self.output_bias])
+        weights = self.weight_values(inputs.dtype)
         batch, length, hidden_dim = ops.shape(inputs)
         num_chunks = -(-length // self.chunk_length)
         padded_length = num_chunks * self.chunk_length
@@ -113,10 +126,8 @@ class ChunkedFeedForward(keras.layers.Layer):
         """
         if cache is None:
             return self(inputs), {}
-        weights = [ops.cast(w, inputs.dtype) for w in (
-            self.intermediate_kernel, self.intermediate_bias,
-            self.output_kernel, self.output_bias)]
-        return self.feed_forward(inputs, weights), cache
+        return self.feed_forward(inputs, self.weight_values(inputs.dtype)), (
+            cache)
 
     def compute_output_shape(self, input_shape):
         return input_shape

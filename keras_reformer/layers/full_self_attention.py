@@ -49,7 +49,8 @@ class FullSelfAttention(KeyValueAttention):
 
     def _attend(self, inputs, valid, seed):
         """Outputs `(batch, length, hidden)` and the inputs attended."""
-        projections = self.project_all(inputs)
+        kernels = self.kernels(inputs.dtype)
+        projections = self.project_all(inputs, kernels)
         positions = ops.arange(ops.shape(inputs)[1], dtype="int32")
 
         def mask_fn(scores):
@@ -59,7 +60,7 @@ class FullSelfAttention(KeyValueAttention):
 
         outputs, _ = attend(*projections, mask_fn,
                             self.dropout_fn(seed is not None, seed))
-        return self.merge_heads(outputs, valid), inputs
+        return self.merge_heads(outputs, valid, kernels[-1]), inputs
 
     def get_config(self):
         config = super().get_config()

@@ -35,13 +35,15 @@ class KeyValueAttention(SelfAttentionBase):
         valid = prefix_mask(inputs, prefix_length)
         outputs, attended = self._attend(zero_padding(inputs, valid), valid,
                                          None)
-        _, keys, values = self.project_all(attended)
+        _, keys, values = self.project_all(attended,
+                                           self.kernels(attended.dtype))
         return outputs, {"keys": keys, "values": values}
 
     def decode_step(self, inputs, cache, index):
         """See `call_with_cache`: the new position's query attends to the
         cached keys of `_decode_positions(index)`."""
-        queries, key, value = self.project_all(inputs)
+        kernels = self.kernels(inputs.dtype)
+        queries, key, value = self.project_all(inputs, kernels)
         keys = ops.slice_update(cache["keys"], [0, 0, index, 0], key)
         values = ops.slice_update(cache["values"], [0, 0, index, 0], value)
         positions = self._decode_positions(index, ops.shape(keys)[2])
@@ -56,16 +58,19 @@ class KeyValueAttention(SelfAttentionBase):
         outputs, _ = attend(queries, ops.take(keys, gather_at, axis=2),
                             ops.take(values, gather_at, axis=2), mask_fn)
         valid = ops.ones(ops.shape(inputs)[:2], "bool")
-        return self.merge_heads(outputs, valid), {"keys": keys,
-                                                  "values": values}
+        return self.merge_heads(outputs, valid, kernels[-1]), {
+            "keys": keys, "values": values}
 
-    def project_all(self, inputs):
+    def project_all(self, inputs, kernels):
         """Queries, keys (scaled, or normalised with `shared_qk`) and
-        values, each `(batch, heads, length, head_dim)`."""
+        values, each `(batch, heads, length, head_dim)`, by `kernels` (the
+        layer's `kernels`)."""
         if self.shared_qk:
-            queries = self.project(inputs, self.query_key_kernel)
+            query_key_kernel, value_kernel, _ = kernels
+            queries = self.project(inputs, query_key_kernel)
             keys = shared_qk_keys(queries)
         else:
-            queries = self.project(inputs, self.query_kernel)
-            keys = self.project(inputs, self.key_kernel) / (self.head_dim**0.5)
-        return queries, keys, self.project(inputs, self.value_kernel)
+            query_kernel, key_kernel, value_kernel, _ = kernels
+            queries = self.project(inputs, query_kernel)
+            keys = self.project(inputs, key_kernel) / (self.head_dim**0.5)
+        return queries, keys, self.project(inputs, value_kernel)

@@ -149,9 +149,11 @@ class LinformerSelfAttention(SelfAttentionBase):
         self._check_length(length)
         # Padded inputs are zeros, and so are their keys and values.
         inputs, valid = self.real_inputs(inputs, padding_mask, mask)
-        queries = self.project(inputs, self.query_kernel)
-        keys = self.project(inputs, self.key_kernel)
-        values = self.project(inputs, self.value_kernel)
+        query_kernel, key_kernel, value_kernel, output_kernel = self.kernels(
+            inputs.dtype)
+        queries = self.project(inputs, query_kernel)
+        keys = self.project(inputs, key_kernel)
+        values = self.project(inputs, value_kernel)
         keys = self.key_projection(keys)
         values = (self.value_projection or self.key_projection)(values)
         if training:
@@ -159,7 +161,7 @@ class LinformerSelfAttention(SelfAttentionBase):
         outputs, _ = attend(queries, keys / (self.head_dim**0.5), values,
                             lambda scores: scores,
                             self.dropout_fn(training, seed))
-        return self.merge_heads(outputs, valid)
+        return self.merge_heads(outputs, valid, output_kernel)
 
     def get_config(self):
         config = super().get_config()

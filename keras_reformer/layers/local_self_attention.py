@@ -9,7 +9,6 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import look_adjacent
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.key_value_attention import KeyValueAttention
-from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.masks import pad_to_multiple
 from keras_reformer.layers.masks import zero_padding
@@ -91,12 +90,14 @@ class LocalSelfAttention(KeyValueAttention):
         key_valid = ops.broadcast_to(valid[:, None, :], shape)
         if self.dropout == 0.0:
             seed = None
+        kernels = self.kernels(inputs.dtype)
         if self.segments is None:
             outputs = self.merge_heads(self._attend_whole(
-                self.project_all(inputs), positions, key_valid, seed), valid)
+                self.project_all(inputs, kernels), positions, key_valid,
+                seed), valid, kernels[-1])
         else:
             outputs = zero_padding(self._attend_segments(
-                inputs, positions, key_valid, seed), valid)
+                inputs, kernels, positions, key_valid, seed), valid)
         return outputs[:, :length], inputs
 
     def _attend_whole(self, projections, positions, key_valid, seed):
@@ -126,9 +127,10 @@ class LocalSelfAttention(KeyValueAttention):
             window=(self.chunk_length, offsets))
         return outputs
 
-    def _attend_segments(self, inputs, positions, key_valid, seed):
-        """`_attend_whole` and the output projection in `segments` runs of
-        chunks (`attention_in_runs`): `(batch, length, hidden)`.
+    def _attend_segments(self, inputs, kernels, positions, key_valid, seed):
+        """`_attend_whole` and the output projection by `kernels` (the
+        layer's `kernels`) in `segments` runs of chunks
+        (`attention_in_runs`): `(batch, length, hidden)`.
 
         Each run projects its own queries, keys and values from a slice of
         the inputs, which are padded by the neighbouring chunks' length at
@@ -144,8 +146,6 @@ class LocalSelfAttention(KeyValueAttention):
             widths[axis] = [before, after]
             return ops.pad(x, widths)
 
-        kernels = tensor_values([self.query_kernel, self.key_kernel,
-                                 self.value_kernel, self.output_kernel])
         padded_valid = pad(ops.cast(key_valid, "int32"), 2) > 0
         (outputs,) = attention_in_runs(
             self._attend_run, [pad(inputs, 1), *kernels],

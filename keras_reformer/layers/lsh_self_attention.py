@@ -11,7 +11,6 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.chunked_attention import take_rows
-from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
@@ -181,10 +180,12 @@ class LSHSelfAttention(SelfAttentionBase):
         unless `with_cache`)."""
         length = ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
+        kernels = self.kernels(inputs.dtype)
+        query_key_kernel, value_kernel, output_kernel = kernels
         cache = None
         if self._group_size() is None or with_cache:
-            query_key = self.project(inputs, self.query_key_kernel)
-            values = self.project(inputs, self.value_kernel)
+            query_key = self.project(inputs, query_key_kernel)
+            values = self.project(inputs, value_kernel)
             buckets, order, indices = self._sort_by_buckets(
                 self._hash(lambda g, group: _heads(query_key, g * group,
                                                    group), rotations),
@@ -194,10 +195,11 @@ class LSHSelfAttention(SelfAttentionBase):
                          "buckets": buckets, "order": order}
         if self._group_size() is None:
             outputs = self.merge_heads(self._attend_sorted(
-                query_key, values, indices, dropout_seed), valid)
+                query_key, values, indices, dropout_seed), valid,
+                output_kernel)
         else:
             outputs = zero_padding(self._attend_head_groups(
-                inputs, valid, rotations, dropout_seed), valid)
+                inputs, valid, rotations, dropout_seed, kernels), valid)
         return outputs[:, :length], cache
 
     def decode_step(self, inputs, cache, index):
@@ -208,11 +210,13 @@ class LSHSelfAttention(SelfAttentionBase):
         chunks around its place exactly as the whole sequence's sorted,
         chunked attention would.
         """
-        query_key = self.project(inputs, self.query_key_kernel)
+        query_key_kernel, value_kernel, output_kernel = self.kernels(
+            inputs.dtype)
+        query_key = self.project(inputs, query_key_kernel)
         keys = ops.slice_update(cache["keys"], [0, 0, index, 0],
                                 shared_qk_keys(query_key))
         values = ops.slice_update(cache["values"], [0, 0, index, 0],
-                                  self.project(inputs, self.value_kernel))
+                                  self.project(inputs, value_kernel))
         bucket = hashing.hash_vectors(query_key, self.rotations,
                                       self.resolved_num_buckets)
         capacity = ops.shape(keys)[2]
@@ -252,7 +256,7 @@ class LSHSelfAttention(SelfAttentionBase):
             gather(keys), gather(values), mask_fn)
         outputs = _combine_rounds(outputs, logsumexp)
         valid = ops.ones(ops.shape(inputs)[:2], "bool")
-        return self.merge_heads(outputs, valid), {
+        return self.merge_heads(outputs, valid, output_kernel), {
             "keys": keys, "values": values, "buckets": buckets,
             "order": order}
 
@@ -451,7 +455,8 @@ class LSHSelfAttention(SelfAttentionBase):
                                        offset_seed(seed, [s, 0])),
         )
 
-    def _attend_head_groups(self, inputs, valid, rotations, dropout_seed):
+    def _attend_head_groups(self, inputs, valid, rotations, dropout_seed,
+                            kernels):
         """`_group_output` summed over the groups of `parallel_heads` heads.
 
         The heads are hashed and sorted a group at a time, each group's
@@ -467,13 +472,12 @@ class LSHSelfAttention(SelfAttentionBase):
             valid: `(batch, length)` bool.
             rotations: the hash rotations of every head.
             dropout_seed: None (no dropout) or a seed tensor.
+            kernels: the query-key, value and output kernels (`kernels`).
 
         Returns:
             `(batch, length, hidden)`, before padded positions are zeroed.
         """
         group = self._group_size()
-        kernels = tensor_values([self.query_key_kernel, self.value_kernel,
-                                 self.output_kernel])
         _, _, indices = self._sort_by_buckets(self._hash(
             lambda g, group: self.project(
                 inputs, _heads(kernels[0], g * group, group)),
@@ -489,7 +493,8 @@ class LSHSelfAttention(SelfAttentionBase):
     def _group_output(self, g, inputs, indices, dropout_seed, group_kernels):
         """Head group `g`'s share of the layer's output `(batch, length,
         hidden)`: its projections of `inputs` by `group_kernels` (its
-        heads' slices of the query-key, value and output kernels), attention in the order of its heads' slices of
+        heads' slices of the query-key, value and output kernels),
+        attention in the order of its heads' slices of
         `indices` (of every head, from `_sort_by_buckets`) and output
         projection; dropout (if `dropout_seed` is not None) seeded per
         group."""

@@ -209,14 +209,15 @@ def reversible_call(blocks, inputs, padding_mask, training, seed,
         return ops.concatenate([x1, x2], axis=-1)
 
     branches = [branch for block in blocks for branch in (block.f, block.g)]
-    trainable = [tensor_values(b.trainable_variables) for b in branches]
-    fixed = [tensor_values(b.non_trainable_variables) for b in branches]
+    splits = [_WeightSplit(b) for b in branches]
+    trainable = [tensor_values(split.trainable) for split in splits]
+    fixed = [tensor_values(split.fixed) for split in splits]
     sizes = [len(t) for t in trainable] + [len(f) for f in fixed]
 
-    def stateless(branch, trainable_values, fixed_values):
+    def stateless(index, trainable_values, fixed_values):
         def call(x, **kwargs):
-            return branch.stateless_call(
-                trainable_values, fixed_values, x, **kwargs)[0]
+            return splits[index].stateless_call(
+                trainable_values, fixed_values, x, **kwargs)
         return call
 
     def unflatten(weights):
@@ -234,8 +235,8 @@ def reversible_call(blocks, inputs, padding_mask, training, seed,
             trainable[2 * i + 1] = after(x2, trainable[2 * i + 1])
             x1, x2 = block.forward(
                 x1, x2, padding_mask, True, fold_seed(seed, i),
-                stateless(block.f, trainable[2 * i], fixed[2 * i]),
-                stateless(block.g, trainable[2 * i + 1], fixed[2 * i + 1]),
+                stateless(2 * i, trainable[2 * i], fixed[2 * i]),
+                stateless(2 * i + 1, trainable[2 * i + 1], fixed[2 * i + 1]),
             )
         return (x1, x2), (x1, x2, padding_mask, seed, weights)
 
@@ -255,14 +256,14 @@ def reversible_call(blocks, inputs, padding_mask, training, seed,
             trainable[g_index] = after(y1, trainable[g_index])
             # y2 = x2 + g(y1): recompute g, recover x2, pull dy2 back.
             g_out, g_grads = _branch_vjp(
-                blocks[i].g, trainable[g_index], fixed[g_index], y1,
+                splits[g_index], trainable[g_index], fixed[g_index], y1,
                 padding_mask, _branch_seed(block_seed, 1), dy2)
             x2 = y2 - g_out
             dy1 = dy1 + g_grads[0]
             weight_grads[g_index] = g_grads[1:]
             # y1 = x1 + f(x2): recompute f, recover x1, pull dy1 back.
             f_out, f_grads = _branch_vjp(
-                blocks[i].f, trainable[f_index], fixed[f_index], x2,
+                splits[f_index], trainable[f_index], fixed[f_index], x2,
                 padding_mask, _branch_seed(block_seed, 0), dy1)
             x1 = y1 - f_out
             dy2 = dy2 + f_grads[0]
@@ -278,15 +279,48 @@ def reversible_call(blocks, inputs, padding_mask, training, seed,
     return ops.concatenate([y1, y2], axis=-1)
 
 
-def _branch_vjp(branch, trainable_values, fixed_values, x, padding_mask, seed,
+class _WeightSplit:
+    """A branch's variables: those that take gradients and the others.
+
+    The ones that take gradients are those whose variable is trainable:
+    after keras-hub's `enable_lora`, the LoRA adapters, which sit inside
+    layers that are frozen (whose `trainable_variables` are empty).
+
+    Args:
+        branch: a layer.
+    """
+
+    def __init__(self, branch):
+        self.branch = branch
+        variables = branch.trainable_variables + (
+            branch.non_trainable_variables)
+        self.num_call_trainable = len(branch.trainable_variables)
+        self.order = sorted(range(len(variables)),
+                            key=lambda i: not variables[i].trainable)
+        self.trainable = [v for v in variables if v.trainable]
+        self.fixed = [v for v in variables if not v.trainable]
+
+    def stateless_call(self, trainable_values, fixed_values, x, **kwargs):
+        """`branch(x, **kwargs)` with the values of `trainable` and
+        `fixed`."""
+        values = [None] * len(self.order)
+        for i, value in zip(self.order,
+                            list(trainable_values) + list(fixed_values)):
+            values[i] = value
+        return self.branch.stateless_call(
+            values[:self.num_call_trainable],
+            values[self.num_call_trainable:], x, **kwargs)[0]
+
+
+def _branch_vjp(split, trainable_values, fixed_values, x, padding_mask, seed,
                 output_grad):
-    """Recomputes `branch(x)`; returns it and grads wrt `x` and its weights."""
+    """Recomputes the branch of `split` (a `_WeightSplit`) on `x`; returns
+    it and grads wrt `x` and its trainable weights."""
 
     def apply(x, *trainable_values):
-        out, _ = branch.stateless_call(
-            list(trainable_values), fixed_values, x,
-            padding_mask=padding_mask, training=True, seed=seed)
-        return (out,)
+        return (split.stateless_call(
+            trainable_values, fixed_values, x, padding_mask=padding_mask,
+            training=True, seed=seed),)
 
     (out,), grads = value_and_vjp(
         apply, [x, *trainable_values], (output_grad,))

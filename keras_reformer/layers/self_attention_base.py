@@ -6,6 +6,8 @@ from keras import ops
 from keras_reformer.layers.attention_layer import AttentionLayer
 from keras_reformer.layers.masks import padding_mask_or_ones
 from keras_reformer.layers.masks import zero_padding
+from keras_reformer.layers.projection import effective_kernel
+from keras_reformer.layers.projection import projection
 from keras_reformer.layers.seeds import TensorSeed
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_rate
@@ -14,12 +16,16 @@ from keras_reformer.layers.validation import check_rate
 class SelfAttentionBase(AttentionLayer):
     """Multi-head self-attention with the package's projections.
 
-    Owns the weights, bias-free as in trax and Hugging Face: with
-    `shared_qk` one projection `query_key_kernel` serves as queries and
-    keys, otherwise `query_kernel` and `key_kernel`; then `value_kernel`
-    and `output_kernel`, each `(hidden, heads, head_dim)` (the output one
-    transposed). Subclasses implement `AttentionLayer`'s contract with
-    `project`, `merge_heads` and `real_inputs`.
+    Holds the projections as bias-free `keras.layers.EinsumDense`
+    sublayers (as trax and Hugging Face, no biases): with `shared_qk` one
+    projection `query_key_dense` (layer name "query_key") serves as queries
+    and keys, otherwise `query_dense` ("query") and `key_dense` ("key");
+    then `value_dense` ("value"), each with a `(hidden, heads, head_dim)`
+    kernel, and `output_dense` ("output"), `(heads, head_dim, hidden)`. So
+    keras-hub's `enable_lora` and Keras's `quantize("int8")` apply to them.
+    Subclasses compute with `kernels` (the effective kernels as tensors)
+    and implement `AttentionLayer`'s contract with `project`,
+    `merge_heads` and `real_inputs`.
 
     Args:
         num_heads: int, number of heads.
@@ -56,19 +62,41 @@ class SelfAttentionBase(AttentionLayer):
             )
         # Keras then reports calls of another rank or hidden size clearly.
         self.input_spec = keras.InputSpec(ndim=3, axes={-1: hidden_dim})
-        names = ["query_key", "value"] if self.shared_qk else [
+        # === Layers ===
+        # A variance-scaling initializer draws the kernels at the scale of
+        # plain 3-D weights of their shapes (`fan_in = shape[0] * shape[1]`,
+        # `fan_out = shape[0] * shape[2]`, Keras's rule for such weights).
+        fan_axes = ((0, 1), (0, 2))
+        names = self._input_projection_names()
+        for index, name in enumerate(names):
+            dense = projection(
+                "btm,mnh->btnh", (None, self.num_heads, self.head_dim),
+                self.kernel_initializer, index, name, self.dtype_policy,
+                fan_axes=fan_axes)
+            dense.build((None, None, hidden_dim))
+            setattr(self, f"{name}_dense", dense)
+        self.output_dense = projection(
+            "btnh,nhm->btm", (None, hidden_dim), self.kernel_initializer,
+            len(names), "output", self.dtype_policy, fan_axes=fan_axes)
+        self.output_dense.build((None, None, self.num_heads, self.head_dim))
+
+    def _input_projection_names(self):
+        return ["query_key", "value"] if self.shared_qk else [
             "query", "key", "value"]
-        for name in names:
-            setattr(self, f"{name}_kernel", self.add_weight(
-                name=f"{name}_kernel",
-                shape=(hidden_dim, self.num_heads, self.head_dim),
-                initializer=self.kernel_initializer,
-            ))
-        self.output_kernel = self.add_weight(
-            name="output_kernel",
-            shape=(self.num_heads, self.head_dim, hidden_dim),
-            initializer=self.kernel_initializer,
-        )
+
+    @property
+    def projections(self):
+        """The projection sublayers: query-key (or query and key), value,
+        output."""
+        return [getattr(self, f"{name}_dense")
+                for name in self._input_projection_names()] + [
+                    self.output_dense]
+
+    def kernels(self, dtype):
+        """The projections' effective kernels (see `effective_kernel`:
+        LoRA and int8 included) as tensors of `dtype`, in the order of
+        `projections`: query-key (or query and key), value, output."""
+        return [effective_kernel(dense, dtype) for dense in self.projections]
 
     def real_inputs(self, inputs, padding_mask, keras_mask):
         """The inputs with padded positions zeroed, and the validity mask.
@@ -87,14 +115,16 @@ class SelfAttentionBase(AttentionLayer):
     def project(self, inputs, kernel):
         """`(batch, length, hidden)` -> `(batch, heads, length, head_dim)`.
 
-        The kernel is cast to the inputs' dtype: cached decoding calls the
-        layer's methods directly, outside Keras's mixed-precision autocast.
+        The kernel (from `kernels`) is cast to the inputs' dtype: cached
+        decoding calls the layer's methods directly, outside Keras's
+        mixed-precision autocast.
         """
         return ops.einsum("blh,hnd->bnld", inputs,
                           ops.cast(kernel, inputs.dtype))
 
-    def merge_heads(self, outputs, valid):
-        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`.
+    def merge_heads(self, outputs, valid, kernel):
+        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`
+        by the output projection's `kernel` (from `kernels`).
 
         Padded positions (`valid` False) output zeros: a padded query may
         have no allowed key at all, and its output must not carry anything
@@ -102,7 +132,7 @@ class SelfAttentionBase(AttentionLayer):
         """
         return zero_padding(ops.einsum(
             "bnld,ndh->blh", outputs,
-            ops.cast(self.output_kernel, outputs.dtype)), valid)
+            ops.cast(kernel, outputs.dtype)), valid)
 
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""

@@ -61,6 +61,12 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
         dtype: None or a dtype policy (such as "mixed_bfloat16") for every
             layer.
 
+    The attention and feed-forward projections are `EinsumDense` layers
+    (see `SelfAttentionBase` and `ChunkedFeedForward`): `enable_lora(rank)`
+    adapts the query (or query-key) and value projections and freezes the
+    rest; `quantize("int8")` (of the backbone or a task) stores every
+    projection, the token embedding and task heads in int8.
+
     Example:
     >>> backbone = ReformerBackbone(vocabulary_size=256, hidden_dim=32,
     ...     num_heads=2, head_dim=16, intermediate_dim=64,
@@ -253,6 +259,13 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
     def max_length(self):
         """The longest input the position embedding covers."""
         return self.axial_shape[0] * self.axial_shape[1]
+
+    def default_lora_layer_names(self):
+        """The projections `enable_lora` adapts by default (keras-hub's
+        query/value convention): the shared query-key projections of LSH
+        and shared-QK attention, the query projections of the others, and
+        every value projection."""
+        return ["query_key", "query", "value"]
 
     @property
     def attention_layers(self):
