@@ -15,12 +15,13 @@ held-out bits per byte every `--eval-every` steps. Configurations:
 Each evaluation is one JSON line in `--output` (written as it happens, so a
 killed sweep keeps what it measured; a configuration already finished there
 with the same settings is skipped when the sweep is started again, an
-unfinished one starts over). Every trained shared-QK model (LSH or
-`full_shared_qk`) is also scored with the other shared-QK attentions, the
-same weights: exact attention and LSH with the rounds of `--eval-hashes`
-(more or fewer rounds than it was trained with); LSH models also with fresh
-rotations drawn per batch, as in training, instead of the fixed inference
-ones.
+unfinished one starts over). Every trained shared-QK model (LSH,
+`full_shared_qk`, local+LSH) is also scored with the shared-QK attentions
+of `--cross` in place of its own, the same weights: exact attention, LSH
+with more or fewer rounds than it was trained with, other chunk lengths,
+bucket counts or look-backs; LSH models also with fresh rotations drawn
+per batch, as in training, instead of the fixed inference ones.
+`--cross-only` does this for the weights an earlier sweep saved.
 
 `--time-steps N` measures the train-step time of every configuration side
 by side instead: all models built, then N rounds of one step each, the
@@ -29,6 +30,8 @@ writes the plots and prints the table from the JSON lines.
 
     python benchmarks/lsh_quality.py                          # the sweep
     python benchmarks/lsh_quality.py --time-steps 20         # step times
+    python benchmarks/lsh_quality.py --cross-only --weights-dir w \\
+        --configs full_shared_qk --cross lsh8-c128,lsh8-back2
     python benchmarks/lsh_quality.py --report                # table, plots
 """
 
@@ -47,6 +50,8 @@ import numpy as np  # noqa: E402
 import train_lm  # noqa: E402
 from keras_reformer import text_data  # noqa: E402
 from keras_reformer.metrics import bits_per_byte  # noqa: E402
+from keras_reformer.models import ReformerBackbone  # noqa: E402
+from keras_reformer.models import ReformerCausalLM  # noqa: E402
 
 DEFAULT_CONFIGS = ("full,full_shared_qk,lsh1,lsh2,lsh4,lsh8,local,"
                    "local+lsh4")
@@ -123,11 +128,45 @@ def held_out_bits(model, batches, training=False):
     return float(np.mean(bits))
 
 
-def as_config(model, name, args):
-    """A copy of the shared-QK model `model` with the attention of
-    configuration `name` (`full_shared_qk` or `lsh<N>`): the same weights,
-    LSH's fixed rotations drawn for the new shape."""
-    other = build_model(name, args)
+def cross_attention(name):
+    """`(attention_type, options)` of a shared-QK attention to evaluate a
+    model with: `full_shared_qk`, or `lsh<N>` (N rounds) with optional
+    `-c<chunk length>`, `-b<buckets>`, `-back<chunks looked back at>`,
+    e.g. `lsh8-c128` (other options as trained; buckets follow the chunk
+    length unless given)."""
+    if name == "full_shared_qk":
+        return name, {}
+    match = re.fullmatch(r"lsh([1-9][0-9]*)((?:-(?:back|c|b)[0-9]+)*)", name)
+    if match is None:
+        raise ValueError(
+            f"Unknown attention {name!r} to evaluate with: use "
+            "full_shared_qk or lsh<N>[-c<chunk>][-b<buckets>][-back<n>], "
+            "e.g. lsh8-c128.")
+    options = {"num_hashes": int(match.group(1))}
+    for key, value in re.findall(r"-(back|c|b)([0-9]+)", match.group(2)):
+        options[_CROSS_OPTIONS[key]] = int(value)
+    if "chunk_length" in options:
+        options.setdefault("num_buckets", None)  # the default for the chunk
+    return "lsh", options
+
+
+_CROSS_OPTIONS = {"c": "chunk_length", "b": "num_buckets",
+                  "back": "num_chunks_before"}
+
+
+def with_attention(model, name, args):
+    """A copy of `model` whose shared-QK layers (LSH or `full_shared_qk`)
+    use the attention `name` (see `cross_attention`): the same weights, the
+    LSH layers' fixed rotations drawn for their new shape."""
+    kind, options = cross_attention(name)
+    config = model.backbone.get_config()
+    config["attention_types"] = [
+        kind if t in ("lsh", "full_shared_qk") else t
+        for t in config["attention_types"]]
+    if kind == "lsh":
+        config["attention_options"]["lsh"] = {
+            **config["attention_options"].get("lsh", {}), **options}
+    other = ReformerCausalLM(ReformerBackbone.from_config(config))
     other(_dummy_inputs(args))
     sources = [w for w in model.weights if not w.path.endswith("rotations")]
     targets = [w for w in other.weights if not w.path.endswith("rotations")]
@@ -187,16 +226,8 @@ def train_config(name, args, train_data, batches, write):
     model.fit(train_data, epochs=args.steps // args.eval_every,
               steps_per_epoch=args.eval_every, verbose=0,
               callbacks=[progress])
+    cross_evaluate(name, model, args, batches, write, done=())
     types, _ = config_layers(name, args.num_layers)
-    if set(types) <= {"lsh", "full_shared_qk"}:
-        for other_name in ["full_shared_qk"] + [
-                f"lsh{n}" for n in args.eval_hashes]:
-            other = (model if other_name == name else
-                     as_config(model, other_name, args))
-            write({"kind": "cross", "config": name,
-                   "eval_config": other_name,
-                   "held_out_bits_per_byte": round(
-                       held_out_bits(other, batches), 4)})
     if "lsh" in types:
         write({"kind": "fresh_rotations", "config": name,
                "held_out_bits_per_byte": round(
@@ -208,7 +239,41 @@ def train_config(name, args, train_data, batches, write):
     write({"kind": "done", "config": name,
            "compile_seconds": round(progress.compile_seconds, 1),
            "train_seconds": round(progress.train_seconds, 1)})
-    return model
+
+
+def cross_evaluate(name, model, args, batches, write, done):
+    """Scores the trained model of configuration `name`, if it is a
+    shared-QK one (LSH, `full_shared_qk` or mixed with local layers), with
+    every attention of `--cross` but those in `done`."""
+    types, _ = config_layers(name, args.num_layers)
+    if not set(types) & {"lsh", "full_shared_qk"} or "full" in types:
+        return
+    for other_name in args.cross:
+        if other_name in done:
+            continue
+        other = (model if other_name == name else
+                 with_attention(model, other_name, args))
+        write({"kind": "cross", "config": name, "eval_config": other_name,
+               "held_out_bits_per_byte": round(
+                   held_out_bits(other, batches), 4)})
+
+
+def cross_evaluate_saved(args, write, records):
+    """`--cross-only`: cross-evaluates the weights saved in
+    `--weights-dir` by an earlier sweep with the same settings."""
+    _, batches = corpus(args)
+    for name in args.configs:
+        path = os.path.join(args.weights_dir, f"{name}.weights.h5")
+        if not os.path.exists(path):
+            print(f"[{name}] no weights at {path}; skipped", flush=True)
+            continue
+        model = build_model(name, args)
+        model(_dummy_inputs(args))
+        model.load_weights(path)
+        done = {r["eval_config"] for r in records
+                if r["kind"] == "cross" and r["config"] == name}
+        cross_evaluate(name, model, args, batches, write, done)
+        print(f"[{name}] cross-evaluated", flush=True)
 
 
 def read_records(path):
@@ -223,11 +288,20 @@ def settings_of(args):
 
 
 def sweep(args):
-    """Trains every configuration not yet finished in `--output`."""
+    """Trains every configuration not yet finished in `--output` (or, with
+    `--cross-only`, cross-evaluates their saved weights)."""
     settings = settings_of(args)
-    records = read_records(args.output)
-    finished = {r["config"] for r in records if r["kind"] == "done"
-                and r["settings"] == settings}
+    records = [r for r in read_records(args.output)
+               if r.get("settings") == settings]
+
+    def write(record):
+        with open(args.output, "a") as file:
+            file.write(json.dumps({**record, "settings": settings}) + "\n")
+
+    if args.cross_only:
+        cross_evaluate_saved(args, write, records)
+        return
+    finished = {r["config"] for r in records if r["kind"] == "done"}
     todo = [c for c in args.configs if c not in finished]
     if not todo:
         print(f"Every configuration is finished in {args.output}.")
@@ -235,11 +309,6 @@ def sweep(args):
     print(f"Skipping {sorted(finished)} (finished in {args.output}); "
           f"training {todo}.", flush=True)
     train_data, batches = corpus(args)
-
-    def write(record):
-        with open(args.output, "a") as file:
-            file.write(json.dumps({**record, "settings": settings}) + "\n")
-
     for name in todo:
         train_config(name, args, train_data, batches, write)
 
@@ -389,8 +458,11 @@ def parse_args(argv=None):
                         help="steps between held-out evaluations")
     parser.add_argument("--eval-batches", type=int, default=8,
                         help="held-out batches per evaluation")
-    parser.add_argument("--eval-hashes", default="1,2,4,8,16",
-                        help="rounds to score every LSH-trained model with")
+    parser.add_argument("--cross",
+                        default="full_shared_qk,lsh1,lsh2,lsh4,lsh8,lsh16",
+                        help="attentions to score every trained shared-QK "
+                             "model with (the same weights): full_shared_qk "
+                             "or lsh<N>[-c<chunk>][-b<buckets>][-back<n>]")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--hidden-dim", type=int, default=64)
     parser.add_argument("--num-heads", type=int, default=2)
@@ -410,6 +482,10 @@ def parse_args(argv=None):
     mode.add_argument("--time-steps", type=int, default=None, metavar="N",
                       help="measure step times side by side (N rounds) "
                            "instead of training")
+    mode.add_argument("--cross-only", action="store_true",
+                      help="score the weights an earlier sweep saved in "
+                           "--weights-dir with the --cross attentions not "
+                           "yet in --output")
     mode.add_argument("--report", action="store_true",
                       help="write the plot and print the tables from "
                            "--output")
@@ -420,7 +496,15 @@ def parse_args(argv=None):
             config_layers(name, args.num_layers)
     except ValueError as error:
         parser.error(str(error))
-    args.eval_hashes = [int(n) for n in args.eval_hashes.split(",")]
+    args.cross = [c.strip() for c in args.cross.split(",") if c.strip()]
+    try:
+        for name in args.cross:
+            cross_attention(name)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.cross_only and not args.weights_dir:
+        parser.error("--cross-only reads the weights of --weights-dir; give "
+                     "it.")
     if args.steps % args.eval_every:
         parser.error(f"--steps ({args.steps}) must be a multiple of "
                      f"--eval-every; received --eval-every "

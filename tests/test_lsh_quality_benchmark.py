@@ -30,7 +30,7 @@ def log_softmax_bits(logits, targets):
 def test_smoke_run_records_reload_and_resume(tmp_path, capsys):
     output = tmp_path / "quality.jsonl"
     flags = TINY_FLAGS + ["--output", str(output), "--configs", "lsh2",
-                          "--eval-hashes", "1", "--weights-dir",
+                          "--cross", "full_shared_qk,lsh1", "--weights-dir",
                           str(tmp_path / "weights")]
     lsh_quality.main(flags)
     records = [json.loads(line) for line in output.read_text().splitlines()]
@@ -58,6 +58,14 @@ def test_smoke_run_records_reload_and_resume(tmp_path, capsys):
     lsh_quality.main(flags)
     assert "Every configuration is finished" in capsys.readouterr().out
     assert len(output.read_text().splitlines()) == len(records)
+
+    # The saved weights with LSH of one chunk spanning the 64 bytes: exact
+    # shared-QK attention, whatever the hashing.
+    lsh_quality.main(flags + ["--cross-only", "--cross", "lsh1-c64"])
+    added = json.loads(output.read_text().splitlines()[-1])
+    assert added["eval_config"] == "lsh1-c64"
+    assert abs(added["held_out_bits_per_byte"]
+               - records[2]["held_out_bits_per_byte"]) < 2e-4
 
     lsh_quality.main(["--report", "--output", str(output), "--plot",
                       str(tmp_path / "plot.png")])
