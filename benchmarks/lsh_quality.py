@@ -415,15 +415,22 @@ def plot(table, path):
     import matplotlib.pyplot as plt
 
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tops = []
     for name, entry in table.items():
         if not entry["evals"]:
             continue
-        steps, bits, seconds = zip(*entry["evals"])
-        line, = by_step.plot(steps, bits, label=name, linewidth=1.4)
+        steps, bits, _ = zip(*entry["evals"])
+        tops.append(bits[min(1, len(bits) - 1)])
+        style = {"linewidth": 1.4, "label": name,
+                 "linestyle": _line_style(name)}
+        line, = by_step.plot(steps, bits, **style)
         if entry["step_s"]:
             minutes = np.array(steps) * entry["step_s"] / 60
-            by_time.plot(minutes, bits, label=name, linewidth=1.4,
-                         color=line.get_color())
+            by_time.plot(minutes, bits, color=line.get_color(), **style)
+    if tops:  # from the second evaluation on: the first is far above
+        bottom = min(b for e in table.values() for _, b, _ in e["evals"])
+        for axis in (by_step, by_time):
+            axis.set_ylim(bottom - 0.02, max(tops) + 0.02)
     by_step.set_xlabel("train steps")
     by_time.set_xlabel("minutes (steps x side-by-side step time, 2-core "
                        "CPU)")
@@ -435,6 +442,13 @@ def plot(table, path):
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def _line_style(name):
+    """Solid for exact attention, dashed for LSH, dotted with local."""
+    if name.startswith("local"):
+        return ":"
+    return "--" if name.startswith("lsh") else "-"
 
 
 def report(args):
