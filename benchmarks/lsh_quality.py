@@ -379,8 +379,9 @@ def markdown_table(table, reference="full_shared_qk"):
         step_s = entry["step_s"]
         time_ratio = (f"{step_s / base_step:.2f}" if step_s and base_step
                       else "-")
+        step_s = f"{step_s:.2f}" if step_s else "-"
         lines.append(f"| {name} | {step} | {bits:.3f} | {ratio} | "
-                     f"{step_s if step_s else '-'} | {time_ratio} |")
+                     f"{step_s} | {time_ratio} |")
     return "\n".join(lines)
 
 
@@ -453,6 +454,10 @@ def _line_style(name):
 
 def report(args):
     table = summarize(read_records(args.output))
+    # In the order of --configs, others after.
+    order = {name: i for i, name in enumerate(args.configs)}
+    table = dict(sorted(table.items(),
+                        key=lambda item: order.get(item[0], len(order))))
     path = plot(table, args.plot)
     print(f"Wrote {path}\n")
     print(markdown_table(table) + "\n")
