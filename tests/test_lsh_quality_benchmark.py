@@ -30,15 +30,14 @@ def log_softmax_bits(logits, targets):
 def test_smoke_run_records_reload_and_resume(tmp_path, capsys):
     output = tmp_path / "quality.jsonl"
     flags = TINY_FLAGS + ["--output", str(output), "--configs", "lsh2",
-                          "--cross", "full_shared_qk,lsh1", "--weights-dir",
+                          "--cross", "full_shared_qk", "--weights-dir",
                           str(tmp_path / "weights")]
     lsh_quality.main(flags)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     kinds = [(r["kind"], r.get("step") or r.get("eval_config"))
              for r in records]
     assert kinds == [("eval", 2), ("eval", 4), ("cross", "full_shared_qk"),
-                     ("cross", "lsh1"), ("fresh_rotations", None),
-                     ("done", None)]
+                     ("fresh_rotations", None), ("done", None)]
 
     # The last evaluation, recomputed in numpy from the saved weights.
     args = lsh_quality.parse_args(flags)
