@@ -11,7 +11,10 @@
 # and a {"part": ..., "exit": ...} line after each part).
 #
 # On the GPU benchmark machine (JAX, PyTorch, transformers; no TensorFlow),
-# with the Keras wheels of ../shared/tools/gpu-wheels in .whl (sent along):
+# with the wheels that Keras and keras-hub need there in .whl (sent along),
+# downloaded here once with
+#     ../shared/tools/gpu-wheels keras-hub==0.32.0 absl-py rich markdown-it-py mdurl pygments
+# (every wheel in .whl is installed, without dependencies, into /tmp/site):
 #     bash benchmarks/gpu_suite.sh
 # Tiny sizes on the CPU, each part's measurements in one process, to check
 # the script (tests/test_gpu_suite.py):
@@ -19,14 +22,15 @@
 set -u
 cd "$(dirname "$0")/.."
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-if [ -d .whl ] && ! python3 -c "import keras" 2>/dev/null; then
+if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 python=${PYTHON:-python3}
-budget=530  # seconds for the whole run; the duplication task gets the rest
+budget=510  # seconds for the parts (under 9 minutes with the install); the
+# duplication task gets what the others leave
 start=$SECONDS
 
 if [ "${1:-}" = "--smoke" ]; then
@@ -35,13 +39,15 @@ if [ "${1:-}" = "--smoke" ]; then
   check=64 layer_lengths=128 long_length=256 heads=2 repeats=1
   lm_runs=crime_and_punishment:256 lm_flags="--layers 2"  # enwik8: same code
   duplication="--length 32 --batch-size 4 --eval-batches 1 --eval-hashes 2"
-  duplication_steps=4 per_step=1 layer_time=240 long_time=120 lm_time=300
+  duplication_steps=4 granule=1 per_step=1 layer_time=240 long_time=120
+  lm_time=300
 else
   check=1024 layer_lengths=4096,16384,65536 long_length=1048576 heads=8
   repeats=3 lm_runs=crime_and_punishment:524288,enwik8:65536
   lm_flags="--lsh-parallel-heads 1 --lsh-segments 16 --local-segments 16"
   duplication="--length 1024 --batch-size 32 --checkpoint-dir saved_models/duplication_1024 --checkpoint-every 250"
-  duplication_steps=20000 per_step=0.05 layer_time=170 long_time=90
+  duplication_steps=20000 granule=250 per_step=0.05 layer_time=170
+  long_time=90
   lm_time=170
 fi
 
@@ -64,8 +70,10 @@ part lm_steps "$lm_time" $python benchmarks/lm_step.py --runs "$lm_runs" \
 
 left=$((budget - (SECONDS - start)))
 if [ "$left" -gt 30 ]; then
-  # Steps that fit, at about per_step seconds each after a minute of start.
-  steps=$(python3 -c "print(max(1, min($duplication_steps, int(($left - 60) / $per_step) // 10 * 10 or 1)))")
+  # Steps that fit, at about per_step seconds each after a minute of start,
+  # in whole checkpoint intervals (granule); a run resumed from a checkpoint
+  # trains on to this total.
+  steps=$(python3 -c "print(min($duplication_steps, max($granule, int(($left - 60) / $per_step) // $granule * $granule)))")
   # shellcheck disable=SC2086
   part duplication "$left" $python examples/duplication_task.py \
     $duplication --steps "$steps" --verbose 0

@@ -31,7 +31,8 @@ from plots import write_plot  # noqa: E402
 PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
                     "lsh_memory.png")
 # (parallel_heads, segments) per variant.
-VARIANTS = ((None, None), (1, None), (1, 16))
+VARIANTS = {"all heads": (None, None), "one head at a time": (1, None),
+            "one head, 16 runs": (1, 16)}
 
 
 def planned_gib(length, heads, parallel_heads, segments):
@@ -65,12 +66,12 @@ def main():
     args = parser.parse_args()
     lines = []
     for length in [int(n) for n in args.lengths.split(",")]:
-        for parallel_heads, segments in VARIANTS:
+        for variant, (parallel_heads, segments) in VARIANTS.items():
             temporary, arguments = planned_gib(length, args.heads,
                                                parallel_heads, segments)
             line = {
                 "benchmark": "lsh_memory", "platform": jax.devices()[0].platform,
-                "length": length, "heads": args.heads,
+                "length": length, "heads": args.heads, "variant": variant,
                 "parallel_heads": parallel_heads or "all",
                 "segments": segments or 1,
                 "temporary_gib": round(temporary, 3),
@@ -78,10 +79,8 @@ def main():
             lines.append(line)
             print(json.dumps(line), flush=True)
     if args.plot:
-        write_plot(args.plot, lines, "length", ["temporary_gib"],
-                   ["parallel_heads", "segments"],
-                   f"one LSH layer's planned memory, {args.heads} heads "
-                   "(heads at a time, runs)")
+        write_plot(args.plot, lines, "length", ["temporary_gib"], "variant",
+                   f"one LSH layer, XLA's plan, {args.heads} heads")
 
 
 if __name__ == "__main__":
