@@ -12,7 +12,7 @@ The process's CPU time per call (all threads) is reported beside the wall
 time: on a machine shared with other work it is the steadier measure.
 Prints one JSON line per measurement, per length one line of every time
 and memory as a multiple of ours on TensorFlow, and writes a PNG plot of
-time and memory against length.
+wall time, CPU time and memory against length.
 
     python benchmarks/attention_cpu.py --lengths 1024,4096,16384
 """
@@ -102,7 +102,7 @@ def main():
                                        / max(base["peak_mib"], 1.0), 2)
                            for name, r in results.items()}}), flush=True)
     if args.plot:
-        write_plot(args.plot, lines, "length", ["ms", "peak_mib"],
+        write_plot(args.plot, lines, "length", ["ms", "cpu_ms", "peak_mib"],
                    "implementation",
                    f"one attention layer, forward+backward, CPU, "
                    f"{args.heads} heads of 64")

@@ -31,8 +31,9 @@ given are the length's default.
 
     KERAS_BACKEND=jax python benchmarks/lm_step.py \\
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
-    python benchmarks/lm_step.py --runs crime_and_punishment:4096,crime_and_punishment:16384 \\
-        --implementations huggingface,ours_tf,ours_jax
+    python benchmarks/lm_step.py \\
+        --runs crime_and_punishment:4096,crime_and_punishment:16384 \\
+        --implementations huggingface,ours_tf,ours_jax --repeats 2
 
 `--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
 recomputes it in the backward pass (less memory at long lengths);
@@ -312,7 +313,8 @@ def main():
                     for implementation, (_, cpu) in seconds.items()}}),
                 flush=True)
     if args.plot and not args.plan:
-        write_plot(args.plot, lines, "length", ["step_s", "peak_mib"],
+        write_plot(args.plot, lines, "length",
+                   ["step_s", "cpu_s", "peak_mib"],
                    ["configuration", "implementation"],
                    "whole training step (Adam, batch 1)")
 

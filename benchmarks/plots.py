@@ -14,7 +14,9 @@ import os
 # Readable axis labels for the quantities the benchmarks print.
 LABELS = {
     "ms": "time (ms)",
+    "cpu_ms": "CPU time, all threads (ms)",
     "step_s": "step time (s)",
+    "cpu_s": "CPU time, all threads (s)",
     "peak_mib": "peak memory (MiB)",
     "temporary_gib": "planned temporary memory (GiB)",
     "temp_mib": "planned temporary memory (MiB)",
