@@ -15,6 +15,9 @@ and memory as a multiple of ours on TensorFlow, and writes a PNG plot of
 wall time, CPU time and memory against length.
 
     python benchmarks/attention_cpu.py --lengths 1024,4096,16384
+
+`--lsh-options` passes more arguments to our LSH layer (its memory-lean
+paths), e.g. `--lsh-options '{"parallel_heads": 1, "segments": 4}'`.
 """
 
 import argparse
@@ -31,14 +34,15 @@ PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
                     "attention_cpu.png")
 
 
-def measure(name, length, heads, repeats):
+def measure(name, length, heads, repeats, lsh_options):
     import resource
 
     import layer_steps
 
     layer_steps.preload(name)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step = layer_steps.STEPS[name](length, heads)
+    options = json.loads(lsh_options) if name.startswith("lsh") else {}
+    step = layer_steps.STEPS[name](length, heads, **options)
     seconds, cpu_seconds = timed_calls(step, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     return {"seconds": seconds, "cpu_seconds": cpu_seconds,
@@ -53,13 +57,15 @@ def main():
     parser.add_argument("--implementations",
                         default=",".join(IMPLEMENTATIONS),
                         help="comma-separated, from layer_steps.STEPS")
+    parser.add_argument("--lsh-options", default="{}",
+                        help="JSON dict of more LSHSelfAttention arguments")
     parser.add_argument("--plot", default=PLOT, help="PNG file to write")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         name, length = args.single.split(":")
         print(json.dumps(measure(name, int(length), args.heads,
-                                 args.repeats)))
+                                 args.repeats, args.lsh_options)))
         return
     import layer_steps
 
@@ -75,7 +81,8 @@ def main():
             backend = layer_steps.BACKENDS[name]
             result = run_single(
                 __file__, f"{name}:{length}",
-                ["--heads", args.heads, "--repeats", args.repeats],
+                ["--heads", args.heads, "--repeats", args.repeats,
+                 "--lsh-options", args.lsh_options],
                 backend="jax" if backend == "torch" else backend)
             line = {"benchmark": "attention_cpu", "implementation": name,
                     "length": length, "heads": args.heads}

@@ -62,6 +62,16 @@ def measure(implementation, length, heads, repeats, lsh_dtype):
     return seconds, peak
 
 
+def projection_kernel(layer, name):
+    """The kernel of `layer`'s projection `name` (a weight or a sublayer's
+    weight named after it)."""
+    import keras
+
+    kernel, = [w for w in layer.trainable_weights
+               if f"/{name}" in f"/{w.path}" and "kernel" in w.path]
+    return keras.ops.convert_to_numpy(kernel)
+
+
 def lsh_against_exact(length, heads):
     """Largest difference between our LSH layer and exact shared-QK
     attention from `jax.nn.dot_product_attention` on the layer's own
@@ -80,8 +90,8 @@ def lsh_against_exact(length, heads):
     x = np.random.RandomState(1).randn(1, length, heads * 64).astype(
         "float32")
     ours = np.asarray(layer(x))
-    query_key, value, output = [jnp.asarray(w)
-                                for w in layer.get_weights()[:3]]
+    query_key, value, output = [jnp.asarray(projection_kernel(layer, name))
+                                for name in ("query_key", "value", "output")]
     queries = jnp.einsum("blh,hnd->blnd", x, query_key)
     keys = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
     values = jnp.einsum("blh,hnd->blnd", x, value)

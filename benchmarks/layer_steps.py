@@ -6,7 +6,8 @@ with respect to the input and the layer's weights (the layer's whole
 training work). The configuration is issue #8's layer table: heads of 64,
 causal, 4 hash rounds, chunks of 64 with one chunk of look-back, default
 bucket counts. `STEPS[name](length, heads)` returns a function that runs
-one step and waits until it has finished; `BACKENDS[name]` is the framework
+one step and waits until it has finished (the `lsh*` ones take more
+`LSHSelfAttention` arguments as keywords); `BACKENDS[name]` is the framework
 it needs (the benchmarks run each implementation in a process of its own).
 
 * `lsh_tf`, `lsh_jax`: our `LSHSelfAttention` under XLA
@@ -206,13 +207,13 @@ BACKENDS = {
 }
 
 STEPS = {
-    "lsh_tf": lambda n, h: tf_step(_ours("lsh", h), n, h),
+    "lsh_tf": lambda n, h, **o: tf_step(_ours("lsh", h, **o), n, h),
     "full_tf": lambda n, h: tf_step(_ours("full", h), n, h),
-    "lsh_jax": lambda n, h: jax_step(_ours("lsh", h), n, h),
-    "lsh_by_head": lambda n, h: jax_step(
-        _ours("lsh", h, parallel_heads=1), n, h),
-    "lsh_by_run": lambda n, h: jax_step(
-        _ours("lsh", h, parallel_heads=1, segments=16), n, h),
+    "lsh_jax": lambda n, h, **o: jax_step(_ours("lsh", h, **o), n, h),
+    "lsh_by_head": lambda n, h, **o: jax_step(
+        _ours("lsh", h, **{"parallel_heads": 1, **o}), n, h),
+    "lsh_by_run": lambda n, h, **o: jax_step(
+        _ours("lsh", h, **{"parallel_heads": 1, "segments": 16, **o}), n, h),
     "local": lambda n, h: jax_step(_ours("local", h), n, h),
     "local_by_run": lambda n, h: jax_step(_ours("local", h, segments=16),
                                           n, h),
