@@ -31,8 +31,10 @@ setup(
     extras_require={
         # keras_reformer.convert: Hugging Face PyTorch checkpoints.
         "convert": CONVERT,
-        # benchmarks/ write PNG plots beside their JSON lines.
-        "benchmarks": ["matplotlib>=3.8,<4"],
+        # benchmarks/ write PNG plots beside their JSON lines and measure
+        # the PyTorch peers (Hugging Face's and reformer-pytorch's layers).
+        "benchmarks": ["matplotlib>=3.8,<4", "reformer-pytorch>=1.4.4,<1.5"]
+        + CONVERT,
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6,<7",

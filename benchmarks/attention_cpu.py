@@ -1,90 +1,118 @@
-"""LSH against full attention on the CPU: forward+backward time and memory.
+"""One attention layer against its peers on the CPU: time and memory.
 
-TensorFlow backend, `tf.function(jit_compile=True)`; batch 1, causal,
-`--heads` heads of 64, 4 hash rounds, chunk 64. Each (attention, length)
-runs in its own process so that the peak resident memory (ru_maxrss, minus
-the process's resident memory before the first call) belongs to it alone.
-Prints one JSON line per measurement; the ratio line compares the two
-attentions measured in the same run.
+Forward+backward of one layer (`layer_steps.py`: batch 1, `--heads` heads
+of 64, causal, 4 hash rounds, chunks of 64 with one chunk of look-back,
+float32): our LSH layer on TensorFlow and on JAX (both XLA), Hugging
+Face's and reformer-pytorch's LSH layers, and exact attention with torch's
+SDPA. Each (implementation, length) runs in its own process: the median of
+`--repeats` calls after one untimed call, and the peak memory as the growth
+of the process's peak resident set from before the layer was built
+(compilation and the first call included; the frameworks' imports not).
+The process's CPU time per call (all threads) is reported beside the wall
+time: on a machine shared with other work it is the steadier measure.
+Prints one JSON line per measurement, per length one line of every time
+and memory as a multiple of ours on TensorFlow, and writes a PNG plot of
+wall time, CPU time and memory against length.
 
     python benchmarks/attention_cpu.py --lengths 1024,4096,16384
 
-`--lsh-options` passes more arguments to the LSH layer (its memory-lean
+`--lsh-options` passes more arguments to our LSH layer (its memory-lean
 paths), e.g. `--lsh-options '{"parallel_heads": 1, "segments": 4}'`.
 """
 
 import argparse
 import json
+import os
 
-from isolated import median_seconds
+from isolated import timed_calls
 from isolated import run_single
+from plots import write_plot
+
+IMPLEMENTATIONS = ("lsh_tf", "lsh_jax", "huggingface", "reformer_pytorch",
+                   "sdpa")
+PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
+                    "attention_cpu.png")
 
 
-def measure(attention, length, heads, repeats, lsh_options):
+def measure(name, length, heads, repeats, lsh_options):
     import resource
 
-    import numpy as np
-    import tensorflow as tf
+    import layer_steps
 
-    from keras_reformer.layers import FullSelfAttention
-    from keras_reformer.layers import LSHSelfAttention
-
-    hidden = heads * 64
-    if attention == "lsh":
-        layer = LSHSelfAttention(heads, 64, chunk_length=64, num_hashes=4,
-                                 causal=True, **json.loads(lsh_options))
-    else:
-        layer = FullSelfAttention(heads, 64, causal=True)
-    layer.build((1, length, hidden))
-    x = tf.constant(np.random.RandomState(0).randn(1, length, hidden),
-                    tf.float32)
-
-    @tf.function(jit_compile=True)
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(layer(x, training=True) ** 2)
-        return tape.gradient(loss, [x] + layer.trainable_variables)
-
+    layer_steps.preload(name)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = median_seconds(lambda: [g.numpy() for g in step(x)], repeats)
+    options = json.loads(lsh_options) if name.startswith("lsh") else {}
+    step = layer_steps.STEPS[name](length, heads, **options)
+    seconds, cpu_seconds = timed_calls(step, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    return {"median_s": round(seconds, 4),
-            "peak_rss_mib": round(peak / 1024, 1)}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_mib": peak / 1024}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,4096,16384")
-    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lsh-options", default="{}")
+    parser.add_argument("--implementations",
+                        default=",".join(IMPLEMENTATIONS),
+                        help="comma-separated, from layer_steps.STEPS")
+    parser.add_argument("--lsh-options", default="{}",
+                        help="JSON dict of more LSHSelfAttention arguments")
+    parser.add_argument("--plot", default=PLOT, help="PNG file to write")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        attention, length = args.single.split(":")
-        print(json.dumps(measure(attention, int(length), args.heads,
+        name, length = args.single.split(":")
+        print(json.dumps(measure(name, int(length), args.heads,
                                  args.repeats, args.lsh_options)))
         return
+    import layer_steps
+
+    names = args.implementations.split(",")
+    unknown = sorted(set(names) - set(layer_steps.STEPS))
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; choose from "
+                     f"{sorted(layer_steps.STEPS)}")
+    lines = []
     for length in [int(n) for n in args.lengths.split(",")]:
         results = {}
-        for attention in ("lsh", "full"):
-            results[attention] = run_single(
-                __file__, f"{attention}:{length}",
+        for name in names:
+            backend = layer_steps.BACKENDS[name]
+            result = run_single(
+                __file__, f"{name}:{length}",
                 ["--heads", args.heads, "--repeats", args.repeats,
-                 "--lsh-options", args.lsh_options])
-            print(json.dumps({"benchmark": "attention_cpu", "attention": attention,
-                              "length": length, "heads": args.heads,
-                              **results[attention]}), flush=True)
-        if all("median_s" in r for r in results.values()):
+                 "--lsh-options", args.lsh_options],
+                backend="jax" if backend == "torch" else backend)
+            line = {"benchmark": "attention_cpu", "implementation": name,
+                    "length": length, "heads": args.heads}
+            if "error" in result:
+                line["error"] = result["error"]
+            else:
+                results[name] = result
+                line.update(ms=round(1e3 * result["seconds"], 1),
+                            cpu_ms=round(1e3 * result["cpu_seconds"], 1),
+                            peak_mib=round(result["peak_mib"], 1))
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+        if names[0] in results:
+            base = results[names[0]]
             print(json.dumps({
                 "benchmark": "attention_cpu", "length": length,
-                "full_over_lsh_time": round(results["full"]["median_s"]
-                                            / results["lsh"]["median_s"], 2),
-                "full_over_lsh_memory": round(
-                    results["full"]["peak_rss_mib"]
-                    / max(results["lsh"]["peak_rss_mib"], 1.0), 2)}),
-                flush=True)
+                "relative_to": names[0],
+                "time": {name: round(r["seconds"] / base["seconds"], 2)
+                         for name, r in results.items()},
+                "cpu_time": {name: round(r["cpu_seconds"]
+                                         / base["cpu_seconds"], 2)
+                             for name, r in results.items()},
+                "memory": {name: round(r["peak_mib"]
+                                       / max(base["peak_mib"], 1.0), 2)
+                           for name, r in results.items()}}), flush=True)
+    if args.plot:
+        write_plot(args.plot, lines, "length", ["ms", "cpu_ms", "peak_mib"],
+                   "implementation",
+                   f"one attention layer, forward+backward, CPU, "
+                   f"{args.heads} heads of 64")
 
 
 if __name__ == "__main__":

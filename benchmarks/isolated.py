@@ -11,25 +11,47 @@ import time
 import numpy as np
 
 
-def median_seconds(function, repeats):
-    """Median wall time of `repeats` calls of `function` after one untimed
-    (compiling, warming up) call."""
+def timed_calls(function, repeats):
+    """Calls `function` once untimed (compiling, warming up), then `repeats`
+    times.
+
+    Returns:
+        `(median wall seconds, mean CPU seconds)` per timed call; the CPU
+        time is the process's (all its threads, user and system), which a
+        machine shared with other work inflates less than the wall time.
+    """
     function()
     times = []
+    cpu_start = time.process_time()
     for _ in range(repeats):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    cpu = (time.process_time() - cpu_start) / repeats
+    return float(np.median(times)), cpu
+
+
+def median_seconds(function, repeats):
+    """Median wall time of `repeats` calls of `function` after one untimed
+    (compiling, warming up) call."""
+    return timed_calls(function, repeats)[0]
 
 
 def run_single(script, spec, arguments, backend=None):
     """Runs `script --single spec *arguments` in a fresh process.
 
+    With `BENCHMARKS_IN_PROCESS=1` in the environment it runs in this
+    process instead (quicker, for smoke runs; the memory figures then are
+    not the measurement's alone), when `backend` is this process's Keras
+    backend or not given.
+
     Returns:
         The dict the process printed as JSON on its last line, or
         `{"error": ...}` with the end of its stderr if it failed.
     """
+    if os.environ.get("BENCHMARKS_IN_PROCESS") == "1" and backend in (
+            None, os.environ.get("KERAS_BACKEND")):
+        return _run_here(script, spec, arguments)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if backend:
         env["KERAS_BACKEND"] = backend
@@ -39,6 +61,25 @@ def run_single(script, spec, arguments, backend=None):
     if run.returncode:
         return {"error": run.stderr.strip()[-400:]}
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _run_here(script, spec, arguments):
+    """`run_single` in this process: the script's `main` with its argv."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    argv, output = sys.argv, io.StringIO()
+    sys.argv = [script, "--single", spec, *map(str, arguments)]
+    try:
+        with contextlib.redirect_stdout(output):
+            runpy.run_path(script, run_name="__main__")
+    except Exception:  # reported as a failed process would be
+        return {"error": traceback.format_exc()[-400:]}
+    finally:
+        sys.argv = argv
+    return json.loads(output.getvalue().strip().splitlines()[-1])
 
 
 def lm_gradient_memory(lm, length):
@@ -67,3 +108,47 @@ def lm_gradient_memory(lm, length):
     token_ids = jax.ShapeDtypeStruct((1, length), "int32")
     return jax.jit(jax.grad(loss)).lower(
         values, token_ids).compile().memory_analysis()
+
+
+def matmul_gflops(framework, dtype, size=2048, repeats=5, jit_compile=True):
+    """This CPU's matrix-product throughput in GFLOP/s: the median time of
+    a `size`^3 product of `dtype` matrices in `framework` ("jax", or
+    "tensorflow" under XLA, or with `jit_compile=False` TensorFlow's own
+    kernels, oneDNN on this CPU)."""
+    flops = 2 * size**3
+    data = np.random.RandomState(0).randn(size, size).astype("float32")
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.asarray(data, dtype)
+        product = jax.jit(jnp.matmul)
+        seconds = median_seconds(
+            lambda: product(a, a).block_until_ready(), repeats)
+    else:
+        import tensorflow as tf
+
+        a = tf.cast(tf.constant(data), dtype)
+        product = tf.function(tf.matmul, jit_compile=jit_compile)
+        seconds = median_seconds(lambda: product(a, a).numpy(), repeats)
+    return flops / seconds / 1e9
+
+
+
+def step_timer():
+    """A Keras callback whose `times` lists the wall time of every train
+    step."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepTimer()

@@ -1,58 +1,77 @@
-"""Whole training steps of the peer configurations in issue #8 (JAX backend).
+"""Whole training steps of the peer configurations in issue #8, ours and
+Hugging Face's.
 
-One `ReformerCausalLM` training step (Adam, batch 1, `train_on_batch` under
-XLA) per configuration and length, each in its own process: median step
-time after a compiling step and the device's peak memory (weights and
-optimizer state included, as the peers' figures are; on a CPU, where JAX
-keeps no device peak, the process's peak resident memory).
+One causal LM training step (Adam, batch 1) per configuration, length and
+implementation, each in its own process: median step time after a
+compiling step, and the peak memory (weights and optimizer state included,
+as the peers' figures are): the device's peak allocation on a GPU, on a CPU
+the growth of the process's peak resident set from before the model was
+built. Every configuration is a `transformers.ReformerConfig` (dropout 0);
+our model is built from it through `convert.convert_backbone_config`, so both
+implementations train the same architecture. Implementations:
+
+* `ours_jax`, `ours_tf`: `ReformerCausalLM.train_on_batch` under XLA on the
+  JAX or TensorFlow backend;
+* `huggingface`: transformers' `ReformerModelWithLMHead` in training mode
+  (its reversible backward), `torch.optim.Adam`.
 
 Configurations:
 
-* `reformer_pytorch`: 12 layers, d_model 1024, d_ff 4096, 8 heads, all LSH
-  (4 hashes, chunk 64), causal, reversible;
-* `enwik8`: 12 layers, d_model 1024, d_ff 4096, 8 heads, local, local, LSH,
-  local repeated (Hugging Face's enwik8 pattern), chunk 64;
+* `reformer_pytorch`: 12 layers, d_model 1024, d_ff 4096, 8 heads of 128,
+  all LSH (4 hashes, chunk 64), causal;
+* `enwik8`: the same sizes with local, local, LSH, local repeated (Hugging
+  Face's enwik8 pattern), chunk 64;
 * `crime_and_punishment`: 6 layers, d_model 256, d_ff 512, 2 heads of 64,
-  axial shape (512, 1024) of dims (64, 192), buckets (64, 128), chunk 64,
-  local and LSH alternating, 320 tokens (Hugging Face's advertised
-  half-million-token model, `google/reformer-crime-and-punishment`).
+  axial dims (64, 192), buckets (64, 128), chunk 64, one hash round, local
+  and LSH alternating, 320 tokens (`google/reformer-crime-and-punishment`).
+
+The axial position grid is near-square for each length (Hugging Face's
+training needs its product to equal the length); LSH bucket counts not
+given are the length's default.
 
     KERAS_BACKEND=jax python benchmarks/lm_step.py \\
         --runs reformer_pytorch:16384,reformer_pytorch:65536,enwik8:65536,crime_and_punishment:524288
+    python benchmarks/lm_step.py \\
+        --runs crime_and_punishment:4096,crime_and_punishment:16384 \\
+        --implementations huggingface,ours_tf,ours_jax --repeats 2
 
 `--lsh-parallel-heads 1` hashes and attends one LSH head at a time and
 recomputes it in the backward pass (less memory at long lengths);
 `--lsh-segments N` attends the sorted sequence in N runs of chunks, each
 recomputed in the backward pass (less again); `--local-segments N` does the
-same for local attention's chunks. `--plan`
-compiles each step without running it and reports XLA's planned memory
-(gradient buffers plus Adam's moments), so long lengths can be sized on a
-CPU.
+same for local attention's chunks (ours only). `--plan` compiles our step
+(JAX) without running it and reports XLA's planned memory (gradient buffers
+plus Adam's moments), so long lengths can be sized on a CPU.
 """
 
 import argparse
 import json
+import os
 
 from isolated import lm_gradient_memory
-from isolated import median_seconds
+from isolated import timed_calls
 from isolated import run_single
+from plots import write_plot
+
+BIG = dict(hidden_size=1024, feed_forward_size=4096, num_attention_heads=8,
+           attention_head_size=128, num_hashes=4)
 
 CONFIGURATIONS = {
-    "reformer_pytorch": dict(
-        hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
-        attention_types=["lsh"] * 12,
-        attention_options={"lsh": {"num_hashes": 4}}),
-    "enwik8": dict(
-        hidden_dim=1024, intermediate_dim=4096, num_heads=8, head_dim=128,
-        attention_types=["local", "local", "lsh", "local"] * 3,
-        attention_options={"lsh": {"num_hashes": 4}}),
+    "reformer_pytorch": dict(BIG, attn_layers=["lsh"] * 12,
+                             vocab_size=256),
+    "enwik8": dict(BIG, attn_layers=["local", "local", "lsh", "local"] * 3,
+                   vocab_size=256),
     "crime_and_punishment": dict(
-        hidden_dim=256, intermediate_dim=512, num_heads=2, head_dim=64,
-        attention_types=["local", "lsh"] * 3,
-        attention_options={"lsh": {"num_hashes": 1, "num_buckets": (64, 128)}},
-        axial_shape=(512, 1024), axial_dims=(64, 192),
-        vocabulary_size=320),
+        hidden_size=256, feed_forward_size=512, num_attention_heads=2,
+        attention_head_size=64, attn_layers=["local", "lsh"] * 3,
+        num_hashes=1, num_buckets=[64, 128], axial_pos_embds_dim=[64, 192],
+        vocab_size=320),
 }
+
+IMPLEMENTATIONS = ("ours_jax", "ours_tf", "huggingface")
+BACKENDS = {"ours_jax": "jax", "ours_tf": "tensorflow", "huggingface": "jax"}
+PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
+                    "lm_step.png")
 
 
 def axial_shape_for(length):
@@ -74,44 +93,128 @@ MEMORY_OPTIONS = {
 }
 
 
-def measure(name, length, repeats, layers, memory_options, plan=False):
-    import keras
-    import numpy as np
+def reformer_config(name, length, layers):
+    """The `ReformerConfig` of configuration `name` at `length` tokens."""
+    from transformers import ReformerConfig
 
-    from keras_reformer.models import ReformerBackbone
-    from keras_reformer.models import ReformerCausalLM
+    from keras_reformer.layers import hashing
 
     config = dict(CONFIGURATIONS[name])
     if layers:
-        config["attention_types"] = config["attention_types"][:layers]
-    config.setdefault("axial_shape", axial_shape_for(length))
-    config.setdefault("vocabulary_size", 256)
-    options = {"lsh": {"chunk_length": 64}, "local": {"chunk_length": 64}}
-    for kind, extra in config.pop("attention_options", {}).items():
-        options[kind].update(extra)
+        config["attn_layers"] = config["attn_layers"][:layers]
+    hidden = config["hidden_size"]
+    config.setdefault("axial_pos_embds_dim", [hidden // 4, 3 * hidden // 4])
+    buckets = hashing.auto_num_buckets(length, 64)
+    config.setdefault("num_buckets", list(buckets) if isinstance(
+        buckets, tuple) else buckets)
+    return ReformerConfig(
+        **config, axial_pos_shape=list(axial_shape_for(length)),
+        max_position_embeddings=length, is_decoder=True,
+        lsh_attn_chunk_length=64, local_attn_chunk_length=64,
+        hidden_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0)
+
+
+def token_ids(config, length):
+    import numpy as np
+
+    return np.random.RandomState(0).randint(
+        0, config.vocab_size, (1, length + 1)).astype("int32")
+
+
+def build_ours(config, memory_options):
+    from keras_reformer.convert.huggingface import convert_backbone_config
+    from keras_reformer.models import ReformerBackbone
+    from keras_reformer.models import ReformerCausalLM
+
+    arguments = convert_backbone_config(config.to_dict())
     for flag, value in memory_options.items():
         kind, option, _ = MEMORY_OPTIONS[flag]
-        options[kind][option] = value or None
-    backbone = ReformerBackbone(
-        causal=True, feed_forward_chunk_length=64, seed=0,
-        attention_options=options, **config)
-    lm = ReformerCausalLM(backbone)
-    if plan:
-        return {"planned_mib": planned_mib(lm, length),
-                "parameters": lm.count_params()}
+        if kind in arguments["attention_options"]:
+            arguments["attention_options"][kind][option] = value or None
+    return ReformerCausalLM(ReformerBackbone(**arguments))
+
+
+def ours_step(config, length, memory_options):
+    """`train_on_batch` of our model, and its parameter count."""
+    import keras
+
+    lm = build_ours(config, memory_options)
     lm.compile(optimizer=keras.optimizers.Adam(1e-4),
                loss=keras.losses.SparseCategoricalCrossentropy(
                    from_logits=True), jit_compile=True)
-    ids = np.random.RandomState(0).randint(
-        0, config["vocabulary_size"], (1, length + 1))
-    x = {"token_ids": ids[:, :-1].astype("int32"),
-         "padding_mask": np.ones((1, length), "int32")}
-    y = ids[:, 1:].astype("int32")
-    seconds = median_seconds(lambda: lm.train_on_batch(x, y), repeats)
-    loss = lm.train_on_batch(x, y)
-    return {"seconds": seconds, "peak_mib": _peak_mib(),
-            "loss": float(np.asarray(loss).ravel()[0]),
-            "parameters": lm.count_params()}
+    ids = token_ids(config, length)
+    x = {"token_ids": ids[:, :-1], "padding_mask": (ids[:, :-1] * 0 + 1)}
+    y = ids[:, 1:]
+
+    def step():
+        import numpy as np
+
+        loss = lm.train_on_batch(x, y)
+        return float(np.asarray(loss).ravel()[0])
+
+    return step, lm.count_params()
+
+
+def huggingface_step(config, length):
+    """One Adam step of transformers' model in training mode."""
+    import torch
+    from transformers import ReformerModelWithLMHead
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = ReformerModelWithLMHead(config).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    ids = torch.tensor(token_ids(config, length), dtype=torch.long,
+                       device=device)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, config.vocab_size), labels.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def measure(implementation, name, length, repeats, layers, memory_options,
+            plan=False):
+    import resource
+
+    import keras  # noqa: F401 (imports left out of the memory growth)
+
+    import layer_steps
+    import keras_reformer.models  # noqa: F401
+
+    config = reformer_config(name, length, layers)
+    if plan:
+        lm = build_ours(config, memory_options)
+        return {"planned_mib": planned_mib(lm, length),
+                "parameters": lm.count_params()}
+    if implementation == "huggingface":
+        import torch  # noqa: F401
+        import transformers.models.reformer.modeling_reformer  # noqa: F401
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if implementation == "huggingface":
+        step, parameters = huggingface_step(config, length)
+        backend = "torch"
+    else:
+        step, parameters = ours_step(config, length, memory_options)
+        backend = BACKENDS[implementation]
+    seconds, cpu_seconds = timed_calls(step, repeats)
+    loss = step()
+    peak = layer_steps.device_peak_mib(backend)
+    if peak is None:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                - before) / 1024
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_mib": peak, "loss": loss,
+            "parameters": parameters}
 
 
 def planned_mib(lm, length):
@@ -125,17 +228,6 @@ def planned_mib(lm, length):
                        for v in lm.trainable_variables)
     return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
             + analysis.output_size_in_bytes + adam) / 2**20
-
-
-def _peak_mib():
-    import resource
-
-    import jax
-
-    stats = jax.devices()[0].memory_stats()
-    if stats and "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():
@@ -153,43 +245,78 @@ def main():
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "
                         "nothing runs) instead of timing steps")
+    parser.add_argument("--implementations", default="ours_jax",
+                        help="comma-separated, from "
+                        + ", ".join(IMPLEMENTATIONS))
+    parser.add_argument("--plot", default=PLOT, help="PNG file to write")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     memory_options = {option: getattr(args, option)
                       for option in MEMORY_OPTIONS}
     if args.single:
-        name, length = args.single.split(":")
-        print(json.dumps(measure(name, int(length), args.repeats,
-                                 args.layers, memory_options, args.plan)))
+        implementation, name, length = args.single.split(":")
+        print(json.dumps(measure(implementation, name, int(length),
+                                 args.repeats, args.layers, memory_options,
+                                 args.plan)))
         return
+    implementations = args.implementations.split(",")
+    if args.plan:
+        implementations = ["ours_jax"]
+    unknown = sorted(set(implementations) - set(IMPLEMENTATIONS))
+    if unknown:
+        parser.error(f"unknown implementations {unknown}; choose from "
+                     f"{list(IMPLEMENTATIONS)}")
+    flags = ["--repeats", args.repeats, "--layers", args.layers] + [
+        item for option, value in memory_options.items()
+        for item in ("--" + option.replace("_", "-"), value)] + (
+        ["--plan"] if args.plan else [])
+    lines = []
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
         if name not in CONFIGURATIONS:
             parser.error(f"unknown configuration {name!r}; choose from "
                          f"{sorted(CONFIGURATIONS)}")
-        result = run_single(__file__, run_spec,
-                            ["--repeats", args.repeats, "--layers",
-                             args.layers]
-                            + [item for option, value
-                               in memory_options.items()
-                               for item in ("--" + option.replace("_", "-"),
-                                            value)]
-                            + (["--plan"] if args.plan else []),
-                            backend="jax")
-        line = {"benchmark": "lm_step", "configuration": name,
-                "length": int(length), "layers": args.layers or "all",
-                **memory_options}
-        if "error" in result:
-            line["error"] = result["error"]
-        elif args.plan:
-            line.update(planned_gib=round(result["planned_mib"] / 1024, 2),
-                        parameters=result["parameters"])
-        else:
-            line.update(step_s=round(result["seconds"], 3),
-                        peak_mib=round(result["peak_mib"], 1),
-                        loss=round(result["loss"], 3),
-                        parameters=result["parameters"])
-        print(json.dumps(line), flush=True)
+        seconds = {}
+        for implementation in implementations:
+            result = run_single(__file__, f"{implementation}:{run_spec}",
+                                flags, backend=BACKENDS[implementation])
+            line = {"benchmark": "lm_step", "configuration": name,
+                    "implementation": implementation,
+                    "length": int(length), "layers": args.layers or "all",
+                    **memory_options}
+            if "error" in result:
+                line["error"] = result["error"]
+            elif args.plan:
+                line.update(
+                    planned_gib=round(result["planned_mib"] / 1024, 2),
+                    parameters=result["parameters"])
+            else:
+                seconds[implementation] = (result["seconds"],
+                                           result["cpu_seconds"])
+                line.update(step_s=round(result["seconds"], 3),
+                            cpu_s=round(result["cpu_seconds"], 3),
+                            peak_mib=round(result["peak_mib"], 1),
+                            loss=round(result["loss"], 3),
+                            parameters=result["parameters"])
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+        if "huggingface" in seconds and len(seconds) > 1:
+            hf_wall, hf_cpu = seconds.pop("huggingface")
+            print(json.dumps({
+                "benchmark": "lm_step", "configuration": name,
+                "length": int(length),
+                "huggingface_time_over": {
+                    implementation: round(hf_wall / wall, 2)
+                    for implementation, (wall, _) in seconds.items()},
+                "huggingface_cpu_time_over": {
+                    implementation: round(hf_cpu / cpu, 2)
+                    for implementation, (_, cpu) in seconds.items()}}),
+                flush=True)
+    if args.plot and not args.plan:
+        write_plot(args.plot, lines, "length",
+                   ["step_s", "cpu_s", "peak_mib"],
+                   ["configuration", "implementation"],
+                   "whole training step (Adam, batch 1)")
 
 
 if __name__ == "__main__":

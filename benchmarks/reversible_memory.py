@@ -7,7 +7,8 @@ numbers need no repetition. Prints one JSON line per configuration and
 kind: `reversible` (a `ReversibleStack` of LSH and feed-forward blocks),
 `plain` (the same blocks under ordinary autodiff) and `causal_lm` (a whole
 `ReformerCausalLM` of the same blocks: embeddings, stack, norm, LM head and
-loss, called in training mode as `fit` calls it).
+loss, called in training mode as `fit` calls it); and writes a PNG plot of
+the memory against depth.
 
     KERAS_BACKEND=jax python benchmarks/reversible_memory.py
 """
@@ -23,6 +24,7 @@ import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 from isolated import lm_gradient_memory  # noqa: E402
+from plots import write_plot  # noqa: E402
 from keras_reformer.layers import ChunkedFeedForward  # noqa: E402
 from keras_reformer.layers import LSHSelfAttention  # noqa: E402
 from keras_reformer.layers import PreNormBranch  # noqa: E402
@@ -32,6 +34,10 @@ from keras_reformer.layers.seeds import fold_seed  # noqa: E402
 from keras_reformer.layers.seeds import seed_tensor  # noqa: E402
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
+
+
+PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
+                    "reversible_memory.png")
 
 
 def build_stack(depth, args):
@@ -96,17 +102,24 @@ def main():
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--hashes", type=int, default=2)
     parser.add_argument("--depths", default="2,6,12,24")
+    parser.add_argument("--plot", default=PLOT, help="PNG file to write")
     args = parser.parse_args()
+    lines = []
     for depth in [int(d) for d in args.depths.split(",")]:
         stack = build_stack(depth, args)
         sizes = {"reversible": lambda: temp_bytes(stack, True, args),
                  "plain": lambda: temp_bytes(stack, False, args),
                  "causal_lm": lambda: causal_lm_temp_bytes(depth, args)}
         for kind, size in sizes.items():
-            print(json.dumps({
-                "benchmark": "reversible_memory", "depth": depth,
-                "kind": kind, "length": args.length, "hidden": args.hidden,
-                "temp_mib": round(size() / 2**20, 2)}), flush=True)
+            line = {"benchmark": "reversible_memory", "depth": depth,
+                    "kind": kind, "length": args.length,
+                    "hidden": args.hidden,
+                    "temp_mib": round(size() / 2**20, 2)}
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    if args.plot:
+        write_plot(args.plot, lines, "depth", ["temp_mib"], "kind",
+                   f"training-step activation memory, length {args.length}")
 
 
 if __name__ == "__main__":

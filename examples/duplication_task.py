@@ -35,15 +35,16 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_reformer.models import ReformerBackbone  # noqa: E402
 from keras_reformer.models import ReformerCausalLM  # noqa: E402
-from train_lm import MAX_NUM_HASHES  # noqa: E402
-from train_lm import MAX_SEED  # noqa: E402
-from train_lm import check_flag_range  # noqa: E402
-from train_lm import check_positive_flags  # noqa: E402
-from train_lm import check_positive_number_flags  # noqa: E402
+from keras_reformer.optional_tensorflow import TENSORFLOW_INSTALLED  # noqa
+from keras_reformer.optional_tensorflow import tf  # noqa: E402
+from flag_checks import MAX_NUM_HASHES  # noqa: E402
+from flag_checks import MAX_SEED  # noqa: E402
+from flag_checks import check_flag_range  # noqa: E402
+from flag_checks import check_positive_flags  # noqa: E402
+from flag_checks import check_positive_number_flags  # noqa: E402
 
 
 def duplication_batch(rng, batch_size, length, vocabulary_size):
@@ -86,7 +87,7 @@ def build_model(args, attention, num_hashes):
 def second_half_accuracy(model, batches):
     correct = total = 0.0
     for inputs, targets, weights in batches:
-        predicted = np.asarray(model.predict(inputs, verbose=0)).argmax(-1)
+        predicted = np.asarray(model.predict_on_batch(inputs)).argmax(-1)
         correct += float(((predicted == targets) * weights).sum())
         total += float(weights.sum())
     return correct / total
@@ -95,7 +96,8 @@ def second_half_accuracy(model, batches):
 def training_batches(args, first_step=0):
     """The endless training stream from batch `first_step` on (a resumed
     run skips the batches it has already trained on), as a `tf.data`
-    dataset (keras-hub tasks take datasets, not Python generators)."""
+    dataset (keras-hub tasks take datasets, not Python generators), or
+    without TensorFlow as the generator itself (see `fit`)."""
 
     def batches():
         rng = np.random.RandomState(args.seed)
@@ -106,10 +108,21 @@ def training_batches(args, first_step=0):
             yield duplication_batch(rng, args.batch_size, args.length,
                                     args.vocabulary_size)
 
+    if not TENSORFLOW_INSTALLED:
+        return batches()
     ids = tf.TensorSpec((args.batch_size, args.length - 1), tf.int32)
     return tf.data.Dataset.from_generator(batches, output_signature=(
         {"token_ids": ids, "padding_mask": ids}, ids,
         tf.TensorSpec(ids.shape, tf.float32)))
+
+
+def fit(model, data, **kwargs):
+    """`model.fit`; without TensorFlow (JAX-only machines) Keras's own fit,
+    which reads Python generators: keras-hub's needs tf.data or grain for
+    its preprocessing, and this model has no preprocessor."""
+    if TENSORFLOW_INSTALLED:
+        return model.fit(data, **kwargs)
+    return keras.Model.fit(model, data, **kwargs)
 
 
 def run(args):
@@ -129,10 +142,10 @@ def run(args):
             checkpoint, save_weights_only=True))
     first_step = int(model.optimizer.iterations)
     start = time.time()
-    model.fit(training_batches(args, first_step),
-              steps_per_epoch=epoch_steps, epochs=args.steps // epoch_steps,
-              initial_epoch=first_step // epoch_steps, shuffle=False,
-              callbacks=callbacks, verbose=args.verbose)
+    fit(model, training_batches(args, first_step),
+        steps_per_epoch=epoch_steps, epochs=args.steps // epoch_steps,
+        initial_epoch=first_step // epoch_steps, shuffle=False,
+        callbacks=callbacks, verbose=args.verbose)
     train_seconds = time.time() - start
     eval_rng = np.random.RandomState(args.seed + 1)
     eval_batches = [duplication_batch(eval_rng, args.batch_size, args.length,

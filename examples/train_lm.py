@@ -54,13 +54,16 @@ from keras_reformer.metrics import BitsPerByte
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
 
+from flag_checks import MAX_NUM_HASHES
+from flag_checks import MAX_SEED
+from flag_checks import check_flag_range
+from flag_checks import check_positive_flags
+from flag_checks import check_positive_number_flags
+
 CAUSAL_ATTENTION_TYPES = tuple(
     name for name in attention_type_names()
     if attention_type(name)[0].supports_causal)
 PROMPT_LENGTH = 64
-# Each hash round adds a full attention pass; the paper uses at most 8.
-MAX_NUM_HASHES = 64
-MAX_SEED = 2**31 - 1
 # The flags that decide what a run trains: a backup resumes only a run with
 # the same values.
 RUN_FLAGS = ("text_files", "tfds_dataset", "tfds_split", "tfds_feature",
@@ -218,37 +221,6 @@ def add_corpus_arguments(parser):
                            "dataset fails at once)")
     data.add_argument("--max-corpus-bytes", type=int,
                       default=text_data.DEFAULT_MAX_CORPUS_BYTES)
-
-
-def check_positive_flags(parser, args, names):
-    """Exits through `parser.error` for the first of the integer flags
-    `names` (attribute names) that is set and below 1."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive "
-                         f"integer; received {value}.")
-
-
-def check_flag_range(parser, args, name, low, high=math.inf):
-    """Exits through `parser.error` if the integer flag `name` (an attribute
-    name) is outside `[low, high]`."""
-    value = getattr(args, name)
-    if not low <= value <= high:
-        allowed = (f"at least {low}" if high == math.inf
-                   else f"between {low} and {high}")
-        parser.error(f"--{name.replace('_', '-')} must be an integer "
-                     f"{allowed}; received {value}.")
-
-
-def check_positive_number_flags(parser, args, names):
-    """Exits through `parser.error` for the first of the float flags `names`
-    that is not a finite number above 0 (nan, inf, 0 or negative)."""
-    for name in names:
-        value = getattr(args, name)
-        if not 0.0 < value < math.inf:
-            parser.error(f"--{name.replace('_', '-')} must be a positive "
-                         f"finite number; received {value}.")
 
 
 def check_corpus_arguments(parser, args):

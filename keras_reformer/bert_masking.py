@@ -1,6 +1,6 @@
 """BERT's masking of token ids for masked-language-model training."""
 
-import tensorflow as tf
+from keras_reformer.optional_tensorflow import tf
 
 
 def mask_tokens(token_ids, selectable, mask_rate, width, seed,

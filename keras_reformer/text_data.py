@@ -18,13 +18,13 @@ import sysconfig
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_reformer.bert_masking import mask_tokens
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_causal_lm_preprocessor import (
     ReformerCausalLMPreprocessor)
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
+from keras_reformer.optional_tensorflow import tf
 
 # Directories of the standard library that are not hand-written library
 # source: its test suites (large, repetitive, some deliberately malformed

@@ -20,7 +20,7 @@ def test_reversible_memory_is_flat_in_depth():
         [sys.executable, os.path.join(ROOT, "benchmarks",
                                       "reversible_memory.py"),
          "--length", "1024", "--hidden", "64", "--chunk", "32",
-         "--depths", "2,6"],
+         "--depths", "2,6", "--plot", ""],
         env=dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

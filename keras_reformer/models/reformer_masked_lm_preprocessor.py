@@ -3,13 +3,13 @@
 import keras
 import keras_hub
 import numpy as np
-import tensorflow as tf
 
 from keras_reformer.bert_masking import mask_tokens
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_tokenizer import NUM_BYTES
 from keras_reformer.models.reformer_tokenizer import ReformerTokenizer
+from keras_reformer.optional_tensorflow import tf
 
 
 @keras.saving.register_keras_serializable(package="keras_reformer")

@@ -3,11 +3,11 @@
 import keras
 import keras_hub
 import numpy as np
-import tensorflow as tf
 
 from keras_reformer.layers.validation import check_non_negative_int
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.transformers_presets import TransformersPresets
+from keras_reformer.optional_tensorflow import tf
 
 NUM_BYTES = 256
 # Special tokens: the attribute keras-hub reads and the token's text.
