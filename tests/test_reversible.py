@@ -146,3 +146,16 @@ def test_config_round_trip_keeps_structure():
     assert len(clone.blocks) == 2
     assert isinstance(clone.blocks[1].f.layer, LSHSelfAttention)
     assert clone.get_config() == stack.get_config()
+
+
+def test_every_block_branch_and_layer_stream_gets_its_own_seed():
+    # A stack folds the step's seed by block, then branch (attention 0,
+    # feed-forward 1), then the layer's own streams (rotations 0, dropout 1).
+    # Folded by addition, block i's dropout stream was block i + 1's
+    # rotation stream.
+    seed = seed_tensor(5)
+    seeds = [tuple(to_numpy(fold_seed(fold_seed(fold_seed(seed, block),
+                                                branch), stream)))
+             for block in range(8) for branch in range(2)
+             for stream in range(2)]
+    assert len(set(seeds)) == len(seeds)

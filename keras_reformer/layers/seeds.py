@@ -9,8 +9,7 @@ therefore take a seed *tensor* (shape `(2,)`) per call, derived from one
 import keras
 from keras import ops
 
-# An odd constant below 2**31 that spreads folded streams apart.
-_FOLD_MULTIPLIER = 40503
+_MAX_SEED = 2**31 - 1
 
 
 class TensorSeed(keras.random.SeedGenerator):
@@ -33,20 +32,39 @@ class TensorSeed(keras.random.SeedGenerator):
 def fold_seed(seed, index):
     """A new seed tensor for sub-stream `index` of `seed`.
 
-    Only the first component changes, so streams folded from one step never
-    collide with the next step's (a `SeedGenerator` advances the second).
+    The new seed is random bits drawn from `seed` shifted by `index`, so
+    folds compose without collisions: the block, branch and layer streams
+    `fold_seed(fold_seed(seed, i), j)` are unrelated for every `(i, j)`
+    (with a fold by addition, block `i`'s stream `j + 1` would be block
+    `i + 1`'s stream `j`).
 
     Args:
         seed: integer tensor of shape `(2,)`.
         index: Python int, the sub-stream.
 
     Returns:
-        Integer tensor of shape `(2,)` and the dtype of `seed`.
+        Integer tensor of shape `(2,)` and the dtype of `seed`, with
+        components in `[0, 2**31 - 1)`.
+
+    Example:
+    >>> seed = seed_tensor(3)
+    >>> a = fold_seed(fold_seed(seed, 0), 1)
+    >>> b = fold_seed(fold_seed(seed, 1), 0)
+    >>> bool(keras.ops.any(a != b))
+    True
     """
-    offset = ops.convert_to_tensor(
-        [(index + 1) * _FOLD_MULTIPLIER, 0], dtype=seed.dtype
-    )
-    return ops.mod(seed + offset, ops.convert_to_tensor(2**31 - 1, seed.dtype))
+    shifted = seed + ops.convert_to_tensor([index + 1, 0], dtype=seed.dtype)
+    if keras.backend.backend() != "tensorflow":
+        return keras.random.randint((2,), 0, _MAX_SEED, dtype=seed.dtype,
+                                    seed=TensorSeed(shifted))
+    import tensorflow as tf
+
+    # Raw stateless bits: the same with or without XLA (see random_normal).
+    bits = tf.random.stateless_uniform(
+        (2,), seed=tf.cast(tf.math.floormod(shifted, _MAX_SEED), tf.int32),
+        minval=None, maxval=None, dtype=tf.uint32)
+    return tf.cast(tf.math.floormod(tf.bitwise.right_shift(bits, 1),
+                                    _MAX_SEED), seed.dtype)
 
 
 def offset_seed(seed, offsets):
@@ -99,7 +117,7 @@ def random_normal(shape, seed):
         return keras.random.normal(shape, seed=TensorSeed(seed))
     import tensorflow as tf
 
-    seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
+    seed = tf.cast(tf.math.floormod(seed, _MAX_SEED), tf.int32)
     bits = tf.random.stateless_uniform(
         (2,) + tuple(shape), seed=seed, minval=None, maxval=None,
         dtype=tf.uint32)
