@@ -42,6 +42,8 @@ setup(
             "sentencepiece>=0.2,<0.3",
             # The JAX backend tests (reversible custom_vjp) run on the CPU.
             "jax[cpu]>=0.10,<0.11",
+            # The benchmark scripts' smoke tests draw their plots.
+            "matplotlib>=3.8,<4",
         ] + CONVERT,
     },
 )

@@ -51,6 +51,13 @@ DESELECTED_ON_JAX = [
     "test_segments_equal_the_whole_sorted_sequence[4-None]",
     "tests/test_local_and_linformer_attention.py::"
     "test_local_segments_equal_all_chunks_at_once[4-False-0]",
+    "tests/test_lsh_self_attention.py::"
+    "test_outputs_do_not_depend_on_the_amount_of_padding[False-0-2-3]",
+    "tests/test_lsh_self_attention.py::"
+    "test_equals_full_shared_qk_attention_when_one_chunk_spans[False-False]",
+    # The reversible custom_vjp: its LSH twin covers it.
+    "tests/test_reversible.py::"
+    "test_outputs_and_gradients_equal_plain_residual_stack[full]",
     # `recomputed_loop` on JAX: covered by the LSH segments' twin.
     "tests/test_local_and_linformer_attention.py::"
     "test_local_segments_recomputed_gradient_equals_autodiff_with_dropout",
