@@ -391,11 +391,45 @@ def test_bad_token_ids_and_masks_raise_and_poison_rows_under_xla():
         np.testing.assert_allclose(out[1], expected[1], atol=1e-5)
 
 
-def test_failed_predict_leaves_the_model_working():
-    """A bad predict raises its error, and the next ones still work (on
-    JAX, Keras 3.15's predict detaches the weights for its loop and
-    reattaches them only on success)."""
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="JAX traces every batch at its own static length")
+def test_a_dataset_batch_longer_than_the_positions_raises_or_is_nan():
+    """Batches of growing lengths relax TensorFlow's traced length to None,
+    so the length check cannot run in Python: the position lookup itself
+    must refuse the batch of 65 tokens (an assertion naming the positions,
+    or NaN logits under XLA), never read past the table."""
+    model, _ = lm_and_inputs()
+    ids = np.random.RandomState(1).randint(0, 50, (1, 65)).astype("int32")
+    lengths = (24, 65)
+    spec = {name: tf.TensorSpec((None, None), tf.int32)
+            for name in ("token_ids", "padding_mask")}
+
+    def batches():
+        for length in lengths:
+            yield {"token_ids": ids[:, :length],
+                   "padding_mask": np.ones_like(ids[:, :length])}
+
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    model.jit_compile = False
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(
+            "positions must be below the 64 positions of "
+            "axial_shape=(8, 8)")):
+        model.predict(dataset, verbose=0)
+    model.jit_compile, model.predict_function = True, None
+    logits = model.predict(dataset, verbose=0)
+    np.testing.assert_allclose(logits[0].numpy(), model(
+        {"token_ids": ids[:, :24], "padding_mask": np.ones((1, 24))})[0],
+        atol=1e-5)
+    assert np.isnan(logits[-1].numpy()).all()
+
+
+def test_failed_fit_evaluate_or_predict_leaves_the_model_working():
+    """A loop that raises before its first step leaves the weights as they
+    were, and the next ones still work (on JAX, Keras 3.15's loops detach
+    the weights and reattach only a step's state)."""
     model, ids = lm_and_inputs()
+    model.compile(optimizer="sgd", loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
     good = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     expected = model.predict(good, verbose=0)
     too_long = np.ones((1, 65), "int32")
@@ -403,10 +437,24 @@ def test_failed_predict_leaves_the_model_working():
     bad_inputs = [too_long]  # arrays: checked before Keras's loop
     if keras.backend.backend() == "jax":  # a dataset: in the loop's trace
         bad_inputs.append(tf.data.Dataset.from_tensors(too_long))
+    message = re.escape(
+        "Sequence length 65 exceeds the 64 positions of axial_shape=(8, 8)")
     for bad in bad_inputs:
-        with pytest.raises(ValueError, match=re.escape(
-                "Sequence length 65 exceeds the 64 positions of "
-                "axial_shape=(8, 8)")):
+        with pytest.raises(ValueError, match=message):
             model.predict(bad, verbose=0)
         np.testing.assert_array_equal(model.predict(good, verbose=0),
                                       expected)
+    for loop in (model.evaluate, model.fit):
+        with pytest.raises(ValueError, match=message):
+            loop(too_long, too_long["token_ids"], verbose=0)
+        np.testing.assert_array_equal(model.predict(good, verbose=0),
+                                      expected)
+    # A loop that ran steps keeps what they did.
+    model.fit(good, ids, epochs=1, verbose=0)
+    trained = model.predict(good, verbose=0)
+    assert np.abs(trained - expected).max() > 1e-4
+    # (TensorFlow relaxes this trace's length: the lookup's own check.)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
+                       match=re.escape("64 positions of axial_shape=(8, 8)")):
+        model.fit(too_long, too_long["token_ids"], verbose=0)
+    np.testing.assert_array_equal(model.predict(good, verbose=0), trained)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_reformer.layers.token_id_check import checked_indices
 from keras_reformer.layers.validation import check_positive_int_pair
 
 
@@ -73,12 +74,21 @@ class AxialPositionEmbedding(keras.layers.Layer):
         length = ops.shape(inputs)[1]
         self.check_length(length)
         positions = start_index + ops.arange(length, dtype="int32")
+        known = isinstance(length, int) and isinstance(start_index, int)
+        if not known:  # a lookup past the table would read garbage
+            positions, factor = checked_indices(
+                positions, self.max_length,
+                f"positions must be below the {self.max_length} positions "
+                f"of axial_shape={self.axial_shape} (a sequence longer than "
+                "the model's positions)", self.compute_dtype)
         columns = self.axial_shape[1]
         embeddings = ops.concatenate([
             ops.take(self.row_embeddings, positions // columns, axis=0),
             ops.take(self.column_embeddings, positions % columns, axis=0),
         ], axis=-1)
         embeddings = ops.cast(embeddings, self.compute_dtype)
+        if not known:
+            embeddings = embeddings * factor
         return ops.broadcast_to(embeddings[None], ops.shape(inputs))
 
     def compute_output_shape(self, input_shape):

@@ -35,6 +35,9 @@ class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
         preprocessor: optional `keras_hub.models.CausalLMPreprocessor`
             (e.g. `keras_reformer.text_data.byte_preprocessor()`); lets
             `fit` and `generate()` take strings.
+        head_dtype: None (the backbone's dtype policy) or the head's own
+            policy; `get_config` records it once `quantize` has made the
+            head int8.
 
     Example:
     >>> from keras_reformer.models import ReformerBackbone
@@ -51,10 +54,12 @@ class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
     """
 
     backbone_cls = ReformerBackbone
+    head_attribute = "lm_head"
     preprocessor_cls = ReformerCausalLMPreprocessor
     serves_generation = True
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, head_dtype=None,
+                 **kwargs):
         if not backbone.causal:
             raise ValueError(
                 "ReformerCausalLM needs a causal backbone; received a "
@@ -72,7 +77,8 @@ class ReformerCausalLM(ReformerTask, keras_hub.models.CausalLM):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.lm_head = keras.layers.Dense(
-            backbone.vocabulary_size, dtype=backbone.dtype_policy,
+            backbone.vocabulary_size,
+            dtype=self.head_policy(backbone, head_dtype),
             name="lm_head")
 
         # === Functional Model ===

@@ -23,6 +23,9 @@ class ReformerClassifier(ReformerTask, keras_hub.models.TextClassifier):
         activation: None (logits) or an activation of the outputs, such as
             "softmax".
         dropout: float, dropout before the classification layer.
+        head_dtype: None (the backbone's dtype policy) or the head's own
+            policy; `get_config` records it once `quantize` has made the
+            head int8.
 
     Example:
     >>> from keras_reformer.models import ReformerBackbone
@@ -37,9 +40,11 @@ class ReformerClassifier(ReformerTask, keras_hub.models.TextClassifier):
     """
 
     backbone_cls = ReformerBackbone
+    head_attribute = "output_dense"
 
     def __init__(self, backbone, num_classes, preprocessor=None,
-                 activation=None, dropout=0.0, **kwargs):
+                 activation=None, dropout=0.0, head_dtype=None,
+                 **kwargs):
         if backbone.causal:
             raise ValueError(
                 "ReformerClassifier needs a bidirectional backbone; received "
@@ -52,7 +57,8 @@ class ReformerClassifier(ReformerTask, keras_hub.models.TextClassifier):
         self.output_dropout = keras.layers.Dropout(
             dropout, dtype=backbone.dtype_policy, name="output_dropout")
         self.output_dense = keras.layers.Dense(
-            num_classes, activation=activation, dtype=backbone.dtype_policy,
+            num_classes, activation=activation,
+            dtype=self.head_policy(backbone, head_dtype),
             name="logits")
 
         # === Functional Model ===

@@ -31,6 +31,9 @@ class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
         backbone: a bidirectional (`causal=False`) `ReformerBackbone`.
         preprocessor: None, or a keras-hub masked-LM preprocessor for raw
             inputs.
+        head_dtype: None (the backbone's dtype policy) or the head's own
+            policy; `get_config` records it once `quantize` has made the
+            head int8.
 
     Example:
     >>> from keras_reformer.models import ReformerBackbone
@@ -47,10 +50,12 @@ class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
     """
 
     backbone_cls = ReformerBackbone
+    head_attribute = "mlm_head"
     preprocessor_cls = ReformerMaskedLMPreprocessor
     serving_inputs = ("token_ids", "padding_mask", "mask_positions")
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, head_dtype=None,
+                 **kwargs):
         if backbone.causal:
             raise ValueError(
                 "ReformerMaskedLM needs a bidirectional backbone; received "
@@ -61,7 +66,8 @@ class ReformerMaskedLM(ReformerTask, keras_hub.models.MaskedLM):
         self.gather_masked = GatherPositions(dtype=backbone.dtype_policy,
                                              name="gather_masked")
         self.mlm_head = keras.layers.Dense(
-            backbone.vocabulary_size, dtype=backbone.dtype_policy,
+            backbone.vocabulary_size,
+            dtype=self.head_policy(backbone, head_dtype),
             name="mlm_head")
 
         # === Functional Model ===

@@ -1,5 +1,7 @@
 """Input checks shared by the models that take token ids."""
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -28,10 +30,10 @@ class TokenInputsMixin:
     into -1, which the range checks after the cast make NaN outputs.
 
     `predict` checks that a dict of arrays has one batch size (Keras's own
-    check fails on a dict of them) and fits the model's positions, and on
-    JAX a `predict` that raises
-    keeps the model's weights (Keras 3.15 detaches them for its loop and
-    reattaches them only on success).
+    check fails on a dict of them) and fits the model's positions. On JAX,
+    `fit`, `evaluate` and `predict` keep the model's weights when they
+    raise before a step has run (Keras 3.15 detaches the weights for its
+    loop and reattaches the last step's state, which such a loop lacks).
 
     `training` and `mask` are named in the signature: Keras passes the
     training flag on to the layers inside only to a `call` that names it.
@@ -42,18 +44,47 @@ class TokenInputsMixin:
             inputs = checked_token_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
 
+    def fit(self, *args, **kwargs):
+        with self._weights_kept_on_failure():
+            return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._weights_kept_on_failure():
+            return super().evaluate(*args, **kwargs)
+
     def predict(self, x, *args, **kwargs):
         if isinstance(x, dict):
             self._check_arrays(x)
+        with self._weights_kept_on_failure():
+            return super().predict(x, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _weights_kept_on_failure(self):
+        """On JAX, gives every variable that Keras's loop left detached
+        (its value None) the value it had before the loop, if it raises.
+
+        Keras reattaches the state of the loop's last step when it ends,
+        also by an error; it must not reattach another loop's state, so the
+        stale one is dropped first."""
         if keras.backend.backend() != "jax":
-            return super().predict(x, *args, **kwargs)
-        values = [variable.value for variable in self.variables]
+            yield
+            return
+        variables = list({id(v): v for v in self._loop_variables()}.values())
+        values = [variable.value for variable in variables]
+        self._jax_state = None
         try:
-            return super().predict(x, *args, **kwargs)
+            yield
         except BaseException:
-            for variable, value in zip(self.variables, values):
-                variable.assign(value)
+            for variable, value in zip(variables, values):
+                if variable._value is None:
+                    variable.assign(value)
             raise
+
+    def _loop_variables(self):
+        """The variables Keras's JAX loops may detach."""
+        optimizer = getattr(self, "optimizer", None)
+        return (self.variables + self.metrics_variables + (
+            optimizer.variables if optimizer is not None else []))
 
     def _check_arrays(self, x):
         """Checks a dict of arrays before Keras's predict loop: one batch
