@@ -44,6 +44,9 @@ setup(
             "jax[cpu]>=0.10,<0.11",
             # The benchmark scripts' smoke tests draw their plots.
             "matplotlib>=3.8,<4",
+            # Keras's TensorBoard callback (examples/train_lm.py
+            # --tensorboard-dir) and reading its logs back.
+            "tensorboard>=2.20,<3",
         ] + CONVERT,
     },
 )

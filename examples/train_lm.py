@@ -11,7 +11,8 @@ equal the Python model's.
 
 A killed run started again with the same command resumes from the backup
 in `--backup-dir` (kept until the export is done): at its last finished
-epoch, or at sampling and export once all epochs are done. The backup
+epoch, with the batches and random numbers an uninterrupted run would use
+next, or at sampling and export once all epochs are done. The backup
 records the flags that decide what is trained; a run with other values
 refuses it.
 
@@ -122,8 +123,8 @@ def parse_args(argv=None):
         choices=["none", "data_parallel", "model_parallel"],
         help="keras.distribution (KERAS_BACKEND=jax): data_parallel "
              "splits each global batch over every process's devices; "
-             "model_parallel (one process) splits heads and feed-forward "
-             "width over its devices (ReformerBackbone.get_layout_map)")
+             "model_parallel splits heads and feed-forward width over every "
+             "process's devices (ReformerBackbone.get_layout_map)")
     training.add_argument("--coordinator-address", metavar="HOST:PORT",
                           help="process 0's address (several processes)")
     training.add_argument("--num-processes", type=int, default=1,
@@ -142,6 +143,10 @@ def parse_args(argv=None):
     output.add_argument("--sample-length", type=int, default=120,
                         help="bytes to generate after the prompt")
     output.add_argument("--export-dir", default="saved_models/reformer_lm")
+    output.add_argument("--tensorboard-dir", default=None,
+                        help="write TensorBoard logs here (the chief): the "
+                             "training metrics after every step, training "
+                             "and held-out metrics after every epoch")
     args = parser.parse_args(argv)
 
     check_positive_flags(parser, args, (
@@ -188,13 +193,6 @@ def check_distribution_flags(parser, args):
                          f"(JAX), not both; received --strategy "
                          f"{args.strategy} and --distribution "
                          f"{args.distribution}.")
-    if args.distribution == "model_parallel" and args.num_processes > 1:
-        parser.error(f"--distribution model_parallel runs in one process "
-                     f"(over its devices): process 0 saves the weights "
-                     f"alone, and a weight split across processes cannot be "
-                     f"read by one; received --num-processes "
-                     f"{args.num_processes}. Use data_parallel across "
-                     "processes.")
     if args.num_processes > 1 and (args.distribution == "none" or
                                    not args.coordinator_address):
         parser.error(f"--num-processes {args.num_processes} needs "
@@ -349,15 +347,16 @@ def make_strategy(args):
 
 def make_distribution(args):
     """The `keras.distribution` named by `--distribution` (JAX), after
-    joining the other processes when there are several.
+    joining the other processes when there are several (once per program).
 
     `data_parallel` splits each global batch over every device of every
-    process; `model_parallel` (one process) splits the weights over the
-    process's devices, the model axis of a `(1, devices)` mesh.
+    process; `model_parallel` splits the weights over every device of every
+    process, the model axis of a `(1, devices)` mesh (each process feeds
+    the whole global batch).
     """
     import jax
 
-    if args.num_processes > 1:
+    if args.num_processes > 1 and not jax.distributed.is_initialized():
         # CPU devices need an implementation of collectives across
         # processes; accelerators bring their own.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -381,8 +380,7 @@ def no_distribution():
 
     Under a distribution of several JAX processes, creating a variable is a
     collective operation, and Keras's saving creates some (a reference
-    optimizer): process 0 saving alone must not be under it. Reading the
-    weights it saves needs no other process.
+    optimizer): process 0 saving alone must not be under it.
     """
     current = keras.distribution.distribution()
     keras.distribution.set_distribution(None)
@@ -392,42 +390,138 @@ def no_distribution():
         keras.distribution.set_distribution(current)
 
 
-class SavesAlone:
-    """For callbacks that save on the chief alone (mixed in before the
-    callback class): their saving hooks run under `no_distribution`."""
+@contextlib.contextmanager
+def whole_weights(model):
+    """Runs the block with every variable of `model` held whole here.
 
-    def on_train_batch_end(self, batch, logs=None):
-        with no_distribution():
-            super().on_train_batch_end(batch, logs)
+    Under `model_parallel` across processes, each process holds only its
+    devices' parts of a split weight (and of its optimizer slots), which no
+    process can read alone to save. Entering gathers every such variable
+    from all processes (a collective operation: every process enters, in
+    the same order) and gives it the gathered value, on this process's
+    device, for the block (which may read and save it, not assign it);
+    leaving gives it back its split value. Elsewhere this does nothing.
+
+    Args:
+        model: a compiled Keras model.
+
+    Example:
+
+        with whole_weights(model):  # in every process
+            if process_id == 0:
+                model.save_weights("lm.weights.h5")
+    """
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+    from jax.experimental import multihost_utils
+
+    variables = model.variables + model.metrics_variables
+    if model.optimizer is not None:
+        variables += model.optimizer.variables
+    split = [variable for variable in {id(v): v for v in variables}.values()
+             if isinstance(variable.value, jax.Array) and
+             not variable.value.is_fully_addressable and
+             not variable.value.is_fully_replicated]
+    if not split:
+        yield
+        return
+    values = [variable.value for variable in split]
+    gathered = multihost_utils.process_allgather(values, tiled=True)
+    try:
+        # The value itself, not `assign`, which would split it again by
+        # the variable's layout.
+        for variable, value in zip(split, gathered):
+            variable._value = jax.numpy.asarray(value)
+        yield
+    finally:
+        for variable, value in zip(split, values):
+            variable._value = value
+
+
+class ChiefSaves:
+    """For callbacks that save once an epoch (mixed in before the callback
+    class): every process runs them, the weights split across processes
+    are gathered with all of them (`whole_weights`), and process 0 alone
+    saves, with no distribution set.
+
+    Args:
+        write: bool, whether this process saves (process 0); the others
+            only take part in gathering (and a `BackupAndRestore` restores
+            in every process: loading weights under a distribution is a
+            collective operation).
+    """
+
+    def __init__(self, *args, write, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.save_freq != "epoch":
+            raise ValueError(f"{type(self).__name__} saves once an epoch: "
+                             f"save_freq must be 'epoch'; received "
+                             f"{self.save_freq!r}.")
+        self.write = write
 
     def on_epoch_end(self, epoch, logs=None):
-        with no_distribution():
-            super().on_epoch_end(epoch, logs)
-
-
-class ChiefBackupAndRestore(SavesAlone, keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` on the chief: restores with the other processes
-    (`RestoreOnly` there), saves alone."""
-
-
-class ChiefModelCheckpoint(SavesAlone, keras.callbacks.ModelCheckpoint):
-    """`ModelCheckpoint` on the chief, saving alone."""
-
-
-class RestoreOnly(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` for the processes other than the chief: restores
-    the chief's backup when training begins (with the chief: loading
-    weights under a distribution is a collective operation), never writes
-    or deletes it."""
-
-    def on_train_batch_end(self, batch, logs=None):
-        pass
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
+        with whole_weights(self.model):
+            if self.write:
+                with no_distribution():
+                    super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
-        pass
+        if self.write:
+            super().on_train_end(logs)
+
+
+class ChiefBackupAndRestore(ChiefSaves, keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` in every process, saved by the chief, keeping the
+    model's random-number states too (`random_states`, which Keras's
+    backup leaves out): a resumed run draws the LSH rotations and dropout
+    masks an uninterrupted run would."""
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        path = os.path.join(self.backup_dir, "random_states.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                states = json.load(f)
+            variables = random_states(self.model)
+            if len(states) != len(variables):
+                sys.exit(f"error: the backup {self.backup_dir} holds "
+                         f"{len(states)} random-number states; this model "
+                         f"has {len(variables)}.")
+            for variable, state in zip(variables, states):
+                variable.assign(np.asarray(state, variable.dtype))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.write:
+            path = os.path.join(self.backup_dir, "random_states.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump([np.asarray(v.value).tolist()
+                           for v in random_states(self.model)], f)
+            os.replace(path + ".tmp", path)
+
+
+def random_states(model):
+    """The states of `model`'s `keras.random.SeedGenerator`s: its variables
+    that are not weights, in the model's order."""
+    weights = {id(variable) for variable in model.weights}
+    return [variable for variable in model.variables
+            if id(variable) not in weights]
+
+
+class ChiefModelCheckpoint(ChiefSaves, keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` in every process, saved by the chief."""
+
+
+def backed_up_epochs(backup_dir):
+    """How many epochs the `BackupAndRestore` backup in `backup_dir` holds
+    (0 without one), from the metadata it keeps beside the weights."""
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 class HeldOutReport(keras.callbacks.Callback):
@@ -597,8 +691,15 @@ def export_and_check(model, path, inputs):
     return path
 
 
-def main(argv=None):
-    """Runs the job the flags describe; returns the trained model."""
+def main(argv=None, callbacks=()):
+    """Runs the job the flags describe; returns the trained model.
+
+    Args:
+        argv: list of flags (default: the command line's).
+        callbacks: more Keras callbacks for training, run in every process
+            after the example's own (the record, backup, checkpoints and
+            TensorBoard logs) and before the epoch's report.
+    """
     args = parse_args(argv)
     # First: MultiWorkerMirroredStrategy must configure TensorFlow's
     # collective ops, and JAX processes must join, before any other work.
@@ -619,6 +720,11 @@ def main(argv=None):
     train = text_data.language_model_dataset(
         train_text, args.sequence_length, args.batch_size, shuffle=True,
         seed=args.seed, repeat=True)
+    if args.strategy != "multi_worker_mirrored":
+        # A resumed run goes on with the batches an uninterrupted run would
+        # see next (the strategy.run loop keeps its own place).
+        train = train.skip(backed_up_epochs(args.backup_dir) *
+                           args.steps_per_epoch)
     held_out = text_data.language_model_dataset(
         held_out_text, args.sequence_length, args.batch_size)
     with strategy.scope():
@@ -642,7 +748,10 @@ def main(argv=None):
     start = time.time()
     # The record comes first, the report last: once an epoch is reported,
     # it is recorded, backed up and checkpointed.
-    callbacks = [record]
+    extra_callbacks, callbacks = list(callbacks), [record]
+    if args.tensorboard_dir and chief:
+        extra_callbacks.insert(0, keras.callbacks.TensorBoard(
+            args.tensorboard_dir, update_freq="batch"))
     verbose = 1 if sys.stdout.isatty() else 2
     if args.strategy == "multi_worker_mirrored":
         # Keras 3.15's fit fails under this strategy (keras-team/keras#20585):
@@ -654,27 +763,26 @@ def main(argv=None):
         trainer = multi_worker_training.StrategyTrainer(model, strategy)
         history = trainer.fit(
             train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-            validation_data=held_out, callbacks=callbacks + [HeldOutReport()],
+            validation_data=held_out,
+            callbacks=callbacks + extra_callbacks + [HeldOutReport()],
             verbose=verbose, backup_dir=args.backup_dir, delete_backup=False,
             weights_path=args.export_dir + ".checkpoints/"
             "epoch_{epoch:02d}.weights.h5").history["val_bits_per_byte"]
         # (The trainer's history: the record is written after the backup,
         # so it may miss the last backed-up epoch.)
     else:
-        if chief:
-            callbacks += [
-                ChiefBackupAndRestore(args.backup_dir,
-                                      delete_checkpoint=False),
-                ChiefModelCheckpoint(
-                    args.export_dir + ".checkpoints/"
-                    "epoch_{epoch:02d}.weights.h5", save_weights_only=True)]
-        else:
-            callbacks.append(RestoreOnly(args.backup_dir))
+        callbacks += [
+            ChiefBackupAndRestore(args.backup_dir, delete_checkpoint=False,
+                                  write=chief),
+            ChiefModelCheckpoint(
+                args.export_dir + ".checkpoints/epoch_{epoch:02d}.weights.h5",
+                save_weights_only=True, write=chief)]
         model.fit(train, epochs=args.epochs,
                   steps_per_epoch=args.steps_per_epoch,
                   shuffle=False,  # the dataset shuffles itself
                   validation_data=held_out,
-                  callbacks=callbacks + [HeldOutReport()], verbose=verbose)
+                  callbacks=callbacks + extra_callbacks + [HeldOutReport()],
+                  verbose=verbose)
         history = record.history
     print(f"Trained in {time.time() - start:.0f} s. Held-out bits per byte "
           "by epoch: " + ", ".join(f"{v:.3f}" for v in history), flush=True)
@@ -689,18 +797,18 @@ def main(argv=None):
     print("----- prompt (held-out) -----\n" + text_data.detokenize(prompt))
     print("----- sample -----\n" + sample + "\n-----", flush=True)
 
-    if args.process_id:
-        # Every JAX process holds the whole trained weights.
-        print(f"Process {args.process_id} saves nothing: process 0 writes "
-              "every file.", flush=True)
-        return model
-    # Every tf.distribute worker saves; only the chief's files are kept (the
-    # others write to a temporary directory that is deleted). One process
-    # is the chief.
-    with multi_worker_training.chief_path(args.export_dir,
-                                          strategy) as export_dir:
-        with no_distribution():
-            save_model(args, model, export_dir, held_out)
+    with whole_weights(model):  # every JAX process gathers, one saves
+        if args.process_id:
+            print(f"Process {args.process_id} saves nothing: process 0 "
+                  "writes every file.", flush=True)
+            return model
+        # Every tf.distribute worker saves; only the chief's files are kept
+        # (the others write to a temporary directory that is deleted). One
+        # process is the chief.
+        with multi_worker_training.chief_path(args.export_dir,
+                                              strategy) as export_dir:
+            with no_distribution():
+                save_model(args, model, export_dir, held_out)
     if chief:  # all done: a run killed before this resumes at the export
         shutil.rmtree(args.backup_dir)
     return model

@@ -73,3 +73,17 @@ def result_of(output):
     line = [l for l in output.splitlines() if l.startswith("RESULT")]
     assert line, output[-3000:]
     return json.loads(line[-1][len("RESULT"):])
+
+
+def tensorboard_scalars(directory, prefix=""):
+    """`{tag: [(step, value), ...]}` of the scalars whose tag starts with
+    `prefix` in the TensorBoard event files in `directory`."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    events = event_accumulator.EventAccumulator(
+        str(directory), size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    return {tag: [(event.step, float(tensor_util.make_ndarray(
+                event.tensor_proto))) for event in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"] if tag.startswith(prefix)}

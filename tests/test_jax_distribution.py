@@ -1,16 +1,25 @@
 """Keras's distribution API on JAX through examples/train_lm.py.
 
 Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train
-with `--distribution data_parallel` and `model.fit`; a third process with
-two host devices trains the same run unsharded, with
-`--distribution model_parallel` (heads and feed-forward width split over
-the devices by `ReformerBackbone.get_layout_map`) and with
-`--distribution data_parallel` over its two devices. All runs start from
-the same weights and see the same global batches, so they must end with
-the same weights. The three processes run side by side, once for every
-test here.
+with `model.fit` for 3 epochs, one run after another:
+
+- `dp`: `--distribution data_parallel`, with `--tensorboard-dir`;
+- `mp`: `--distribution model_parallel`, heads and feed-forward width split
+  over the two processes' devices (`ReformerBackbone.get_layout_map`), with
+  an `EarlyStopping` that stops it after epoch 2;
+- `killed`: `dp` again, ending both processes abruptly (`os._exit`,
+  nothing cleans up) after epoch 1, once the chief has backed it up.
+
+A third process trains `single`, the run of `dp` on one device. Then two
+new processes run `killed`'s command again (`resumed`). All runs start
+from the same weights and see the same global batches, so they must end
+with the same weights (`mp` with those of `single` after epoch 2).
+
+The processes share a persistent compilation cache: `killed` and
+`resumed` run the programs compiled for `dp`.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -23,73 +32,120 @@ import pytest
 
 from tests.processes import ROOT
 from tests.processes import free_ports
-from tests.processes import result_of
 from tests.processes import run_workers
+from tests.processes import tensorboard_scalars
 
-# Two epochs of 2 steps, 4 x 32 bytes, one LSH layer of 2 heads (hidden
+# Three epochs of 2 steps, 4 x 32 bytes, one LSH layer of 2 heads (hidden
 # 16, feed-forward 32), Adam with warm-up.
 FLAGS = ["--sequence-length", "32", "--num-layers", "1", "--hidden-dim",
          "16", "--chunk-length", "16", "--batch-size", "4",
-         "--steps-per-epoch", "2", "--epochs", "2", "--max-corpus-bytes",
+         "--steps-per-epoch", "2", "--epochs", "3", "--max-corpus-bytes",
          "20000", "--sample-length", "8", "--learning-rate", "1e-2"]
 
-# argv: output prefix, then runs as "name" "flag flag ...". Each run goes
-# through train_lm.main; its weights are saved to <prefix>.<name>.npz and
-# the sharding of its weights is printed.
+# argv: output prefix, then a JSON list of runs, each {"name", "flags",
+# "early_stopping": bool, "kill_after": epoch or absent}. Each run goes
+# through train_lm.main; its weights are saved to <prefix>.<name>.npz, and
+# a RESULT line gives its history, when EarlyStopping stopped it and the
+# sharding of its weights.
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, "examples")
+    import keras
     import numpy as np
     import train_lm
 
-    output, runs = sys.argv[1], sys.argv[2:]
-    result = {}
-    for name, flags in zip(runs[::2], runs[1::2]):
-        model = train_lm.main(flags.split())
-        np.savez(f"{output}.{name}.npz", *model.get_weights())
-        result[name] = {v.path: list(v.value.sharding.spec)
-                        for v in model.backbone.weights
-                        if hasattr(v.value.sharding, "spec")}
-    print("RESULT" + json.dumps(result), flush=True)
+    class Kill(keras.callbacks.Callback):
+        def __init__(self, after):
+            super().__init__()
+            self.after = after
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == self.after:
+                from jax.experimental import multihost_utils
+                # Every process is done with the epoch: the chief has
+                # backed it up.
+                multihost_utils.sync_global_devices("kill")
+                print("KILLED", flush=True)
+                os._exit(0)
+
+    output, runs = sys.argv[1], json.loads(sys.argv[2])
+    for run in runs:
+        print(f"RUN {run['name']}", flush=True)
+        stop = keras.callbacks.EarlyStopping(monitor="loss", patience=0,
+                                             min_delta=100.0)
+        callbacks = [stop] if run.get("early_stopping") else []
+        if run.get("kill_after"):
+            callbacks.append(Kill(run["kill_after"]))
+        model = train_lm.main(run["flags"], callbacks)
+        with train_lm.whole_weights(model):
+            np.savez(f"{output}.{run['name']}.npz", *model.get_weights())
+        print("RESULT" + json.dumps({run["name"]: {
+            "history": model.history.history,
+            "stopped_epoch": stop.stopped_epoch,
+            "sharding": {v.path: list(v.value.sharding.spec)
+                         for v in model.backbone.weights
+                         if hasattr(v.value.sharding, "spec")}}}),
+              flush=True)
 """)
+
+
+def run(name, *flags, **options):
+    return dict(name=name, flags=FLAGS + list(flags), **options)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`(directory, outputs, results)` of the three processes: data-parallel
-    processes 0 and 1, then the unsharded and model-parallel runs."""
+    """`(directory, outputs, results)`: the output of every run by process
+    (`outputs["dp"][1]`: `dp` in process 1) and its RESULT."""
     directory = tmp_path_factory.mktemp("jax_distribution")
-    port, = free_ports(1)
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    commands = [
-        ([sys.executable, "-c", SCRIPT, str(directory / "out"),
-          f"process{index}", " ".join(FLAGS + [
-              "--distribution", "data_parallel", "--num-processes", "2",
-              "--process-id", str(index), "--coordinator-address",
-              f"127.0.0.1:{port}", "--export-dir", str(directory / "dp")])],
-         env)
-        for index in range(2)]
-    commands.append((
-        [sys.executable, "-c", SCRIPT, str(directory / "out"),
-         "single", " ".join(FLAGS + [
-             "--export-dir", str(directory / "single")]),
-         "model_parallel", " ".join(FLAGS + [
-             "--distribution", "model_parallel",
-             "--export-dir", str(directory / "mp")]),
-         "two_devices", " ".join(FLAGS + [
-             "--distribution", "data_parallel",
-             "--export-dir", str(directory / "two_devices")])],
-        dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")))
-    finished = run_workers(commands, timeout=500)
-    for code, output in finished:
+    env = dict(
+        os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_COMPILATION_CACHE_DIR=str(directory / "compilation_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        # Compiling costs more than these runs' few steps.
+        XLA_FLAGS="--xla_backend_optimization_level=0 "
+                  "--xla_llvm_disable_expensive_passes=true")
+
+    def command(process, runs):
+        return ([sys.executable, "-c", SCRIPT,
+                 str(directory / f"process{process}"), json.dumps(runs)], env)
+
+    def pair(runs):
+        port, = free_ports(1)
+        return [command(index, [dict(run, flags=run["flags"] + [
+            "--num-processes", "2", "--process-id", str(index),
+            "--coordinator-address", f"127.0.0.1:{port}"]) for run in runs])
+            for index in range(2)]
+
+    def export(name):
+        return ["--export-dir", str(directory / name),
+                "--tensorboard-dir", str(directory / f"{name}.logs")]
+
+    data_parallel = ["--distribution", "data_parallel"]
+    finished = run_workers(pair([
+        run("dp", *data_parallel, *export("dp")),
+        run("mp", "--distribution", "model_parallel", *export("mp"),
+            early_stopping=True),
+        run("killed", *data_parallel, *export("resumed"), kill_after=1),
+    ]) + [command(2, [run("single", *export("single"))])], timeout=600)
+    finished += run_workers(pair([
+        run("resumed", *data_parallel, *export("resumed"))]), timeout=300)
+    outputs, results = {}, {}
+    for process, (code, output) in zip([0, 1, 2, 0, 1], finished):
         assert code == 0, output[-5000:]
-    outputs = [output for _, output in finished]
-    return directory, outputs, [result_of(output) for output in outputs]
+        for part in output.split("RUN ")[1:]:
+            name = part.split("\n", 1)[0]
+            outputs.setdefault(name, {})[process] = part
+            for line in part.splitlines():
+                if line.startswith("RESULT"):
+                    results.setdefault(name, {})[process] = json.loads(
+                        line[len("RESULT"):])[name]
+    return directory, outputs, results
 
 
-def weights(directory, name):
-    with np.load(directory / f"out.{name}.npz") as arrays:
+def weights(directory, process, name):
+    with np.load(directory / f"process{process}.{name}.npz") as arrays:
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
@@ -107,57 +163,141 @@ def assert_same_weights(actual, expected, atol):
         np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
+def assert_same_history(actual, expected, atol=1e-5):
+    assert sorted(actual) == sorted(expected)
+    for name, values in expected.items():
+        np.testing.assert_allclose(actual[name], values, rtol=0, atol=atol,
+                                   err_msg=name)
+
+
 def test_two_processes_train_alike_and_as_one_process_on_the_batch(runs):
-    directory, outputs, _ = runs
-    for index, output in enumerate(outputs[:2]):
+    """`dp` in both processes: identical weights, those of one process
+    training on the whole batch, the same history and held-out report, the
+    same sample."""
+    directory, outputs, results = runs
+    for index in range(2):
         assert (f"over 2 device(s) of 2 process(es); this is process "
-                f"{index}") in output, output[-3000:]
-    first, second, single = (weights(directory, name) for name in
-                             ("process0", "process1", "single"))
+                f"{index}") in outputs["dp"][index]
+    first, second, single = (weights(directory, process, name) for
+                             process, name in [(0, "dp"), (1, "dp"),
+                                               (2, "single")])
     assert_same_weights(second, first, atol=0)
     assert_same_weights(first, single, atol=1e-5)
-    # Two devices of one process split the batch the same way.
-    assert_same_weights(weights(directory, "two_devices"), single, atol=1e-5)
-    # Every process reports the same held-out bits per byte for both
-    # epochs, the single process's, and samples the same text.
-    reported = [held_out_bits(output) for output in outputs]
-    assert len(reported[0].split(", ")) == 2
-    assert reported[0] == reported[1] == reported[2], reported
-    assert sample(outputs[0]) == sample(outputs[1])
+    histories = [results["dp"][i]["history"] for i in range(2)]
+    assert histories[0] == histories[1]
+    assert len(histories[0]["loss"]) == 3
+    assert_same_history(histories[0], results["single"][2]["history"])
+    reported = [held_out_bits(outputs["dp"][i]) for i in range(2)]
+    assert len(reported[0].split(", ")) == 3
+    assert reported[0] == reported[1] == held_out_bits(
+        outputs["single"][2]), reported
+    assert sample(outputs["dp"][0]) == sample(outputs["dp"][1])
 
 
 def test_only_process_zero_writes_files(runs):
+    """`dp`: process 0 wrote the epochs' checkpoints, the `.keras` file
+    holding the trained weights, the preset and the TensorBoard logs;
+    process 1 wrote nothing; the finished run's backup is deleted."""
     directory, outputs, _ = runs
     assert sorted(os.listdir(directory / "dp.checkpoints")) == [
-        "epoch_01.weights.h5", "epoch_02.weights.h5"]
+        "epoch_01.weights.h5", "epoch_02.weights.h5", "epoch_03.weights.h5"]
     assert (directory / "dp.keras").is_file()
     assert (directory / "dp_preset" / "config.json").is_file()
-    assert not (directory / "dp.backup").exists()  # deleted when done
-    assert f"Saved {directory / 'dp.keras'}" in outputs[0]
-    assert "Saved" not in outputs[1]
-    assert "Process 1 saves nothing" in outputs[1]
-    # Process 0 saved the trained weights: those both processes hold.
-    import keras_reformer  # noqa: F401  (registers the saved classes)
-
-    model = keras.saving.load_model(directory / "dp.keras", compile=False)
-    assert_same_weights(model.get_weights(), weights(directory, "process0"),
+    assert not (directory / "dp.backup").exists()
+    assert f"Saved {directory / 'dp.keras'}" in outputs["dp"][0]
+    assert "Saved" not in outputs["dp"][1]
+    assert "Process 1 saves nothing" in outputs["dp"][1]
+    for writer in ["train", "validation"]:
+        assert len(os.listdir(directory / "dp.logs" / writer)) == 1
+    model = load_model(directory / "dp.keras")
+    assert_same_weights(model.get_weights(), weights(directory, 0, "dp"),
                         atol=0)
 
 
-def test_model_parallel_matches_the_unsharded_model(runs):
+def load_model(path):
+    import keras_reformer  # noqa: F401  (registers the saved classes)
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def test_tensorboard_logs_every_step_of_the_chief(runs):
+    """Process 0 of `dp` logged the loss after each of its 6 steps (the
+    epoch's running mean, as Keras logs it), as did the single process, and
+    each epoch's training and held-out loss, as its History holds them."""
+    directory, _, results = runs
+    history = results["dp"][0]["history"]
+
+    def logged(run, writer, tag):
+        return tensorboard_scalars(directory / f"{run}.logs" / writer,
+                                   tag)[tag]
+
+    steps = logged("dp", "train", "batch_loss")
+    assert [step for step, _ in steps] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(
+        [v for _, v in steps],
+        [v for _, v in logged("single", "train", "batch_loss")],
+        rtol=0, atol=1e-5)
+    # The last step of each epoch logs the epoch's loss.
+    np.testing.assert_allclose([v for _, v in steps[1::2]], history["loss"],
+                               rtol=0, atol=1e-6)
+    for writer, key in [("train", "loss"), ("validation", "val_loss")]:
+        epochs = logged("dp", writer, "epoch_loss")
+        assert [step for step, _ in epochs] == [0, 1, 2]
+        np.testing.assert_allclose([v for _, v in epochs], history[key],
+                                   rtol=0, atol=1e-6)
+
+
+def test_model_parallel_across_processes_matches_the_unsharded_model(runs):
+    """`mp`, each weight of the attention and feed-forward split over the
+    two processes, stopped by EarlyStopping after epoch 2 of 3 in both:
+    the losses of the single process's first two epochs and its weights
+    after them, on both; process 0 saved (gathering the split weights with
+    process 1) the trained weights in the `.keras` file and each epoch's
+    checkpoint."""
     directory, outputs, results = runs
-    assert_same_weights(weights(directory, "model_parallel"),
-                        weights(directory, "single"), atol=1e-5)
-    assert held_out_bits(outputs[2].split("Distribution: model_parallel")[1]
-                         ) == held_out_bits(outputs[2])
-    # The attention and feed-forward weights were split over the devices:
-    # query-key and value by head, output by head, the feed-forward's
+    single = load_model(directory / "single.keras")
+    single.load_weights(directory / "single.checkpoints" /
+                        "epoch_02.weights.h5")
+    expected = {name: values[:2] for name, values in
+                results["single"][2]["history"].items()}
+    for process in range(2):
+        assert results["mp"][process]["stopped_epoch"] == 1
+        assert_same_history(results["mp"][process]["history"], expected)
+        assert_same_weights(weights(directory, process, "mp"),
+                            single.get_weights(), atol=1e-5)
+        assert held_out_bits(outputs["mp"][process]) == ", ".join(
+            held_out_bits(outputs["single"][2]).split(", ")[:2])
+    # Query-key and value by head, output by head, the feed-forward's
     # width; nothing else.
     sharded = sorted(str(spec) for spec in
-                     results[2]["model_parallel"].values() if "model" in spec)
+                     results["mp"][0]["sharding"].values() if "model" in spec)
     assert sharded == sorted(str(spec) for spec in [
         [None, "model", None], [None, "model", None], ["model", None, None],
         [None, "model"], ["model"], ["model", None]]), sharded
+    trained = weights(directory, 0, "mp")
+    model = load_model(directory / "mp.keras")
+    assert_same_weights(model.get_weights(), trained, atol=0)
+    assert sorted(os.listdir(directory / "mp.checkpoints")) == [
+        "epoch_01.weights.h5", "epoch_02.weights.h5"]
+    model.load_weights(directory / "mp.checkpoints" / "epoch_02.weights.h5")
+    assert_same_weights(model.get_weights(), trained, atol=0)
+    assert "Process 1 saves nothing" in outputs["mp"][1]
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(runs):
+    """`killed` ended both processes after epoch 1's backup; two new
+    processes with the same command resumed at epoch 2 and ended with the
+    weights and held-out bits per byte of `dp`, which ran uninterrupted."""
+    directory, outputs, _ = runs
+    for process in range(2):
+        assert "KILLED" in outputs["killed"][process]
+        assert "RESULT" not in outputs["killed"][process]
+        assert "resuming from epoch 2 of 3" in outputs["resumed"][process]
+        assert_same_weights(weights(directory, process, "resumed"),
+                            weights(directory, 0, "dp"), atol=1e-5)
+    assert held_out_bits(outputs["resumed"][0]) == held_out_bits(
+        outputs["dp"][0])
+    assert not (directory / "resumed.backup").exists()
 
 
 def expected_axes(shape, hidden=32, heads=2, head_dim=8, width=48):
@@ -219,7 +359,8 @@ def test_a_model_trained_on_jax_is_exported_from_tensorflow(runs):
     a TensorFlow process and checks its logits against the model's."""
     directory, outputs, _ = runs
     export_dir = directory / "single"
-    assert "Not exported" in outputs[2] and "saved_lm.py export" in outputs[2]
+    output = outputs["single"][2]
+    assert "Not exported" in output and "saved_lm.py export" in output
     assert not export_dir.exists()
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "saved_lm.py"),

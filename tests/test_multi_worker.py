@@ -33,6 +33,7 @@ from tests.processes import cluster_env
 from tests.processes import free_ports
 from tests.processes import result_of
 from tests.processes import run_workers
+from tests.processes import tensorboard_scalars
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="tf.distribute is TensorFlow's")
@@ -73,7 +74,7 @@ SCRIPT = textwrap.dedent("""
     class Record(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.batches, self.log_names = [], set()
+            self.batches, self.log_names, self.losses = [], set(), []
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
@@ -81,15 +82,21 @@ SCRIPT = textwrap.dedent("""
         def on_train_batch_end(self, batch, logs=None):
             self.batches.append([self.epoch, batch])
             self.log_names.update(logs)
+            self.losses.append(float(logs["loss"]))
 
     def callback_runs(trainer, train):
-        # fit with EarlyStopping, then with TerminateOnNaN.
+        # fit with EarlyStopping (and TensorBoard on the chief), then with
+        # TerminateOnNaN.
         record, stop = Record(), keras.callbacks.EarlyStopping(
             monitor="loss", patience=0, min_delta=100.0)
+        callbacks = [record, stop]
+        if mwt.is_chief(strategy):
+            callbacks.append(keras.callbacks.TensorBoard(
+                os.path.join(directory, "logs"), update_freq="batch"))
         history = trainer.fit(train, epochs=4, steps_per_epoch=2, verbose=2,
-                              callbacks=[record, stop])
+                              callbacks=callbacks)
         early = {"history": history.history, "params": record.params,
-                 "batches": record.batches,
+                 "batches": record.batches, "losses": record.losses,
                  "log_names": sorted(record.log_names),
                  "stopped_epoch": stop.stopped_epoch}
         kernel = model.trainable_variables[0]
@@ -219,6 +226,16 @@ def test_two_workers_agree_match_one_process_and_keep_fits_callbacks(
         assert result["nan"] == {"epochs": 1, "batches": [[0, 0]],
                                  "steps": 1}
     assert chief["early"]["history"] == other["early"]["history"]
+    assert chief["early"]["losses"] == other["early"]["losses"]
+    # The chief's TensorBoard logs: the loss after every step and epoch.
+    logged = tensorboard_scalars(tmp_path / "logs" / "train")
+    assert logged["batch_loss"] == [
+        (step + 1, pytest.approx(loss, abs=1e-6))
+        for step, loss in enumerate(chief["early"]["losses"])]
+    assert logged["epoch_loss"] == [
+        (epoch, pytest.approx(loss, abs=1e-6))
+        for epoch, loss in enumerate(chief["early"]["history"]["loss"])]
+    assert os.listdir(tmp_path / "logs") == ["train"]
     # The progress lines (verbose=2: one per epoch) come from the chief only.
     progress = [re.findall(r"^2/2 .*loss: [0-9.]+", output, re.MULTILINE)
                 for _, output in runs]
