@@ -752,7 +752,8 @@ def main(argv=None, callbacks=()):
     if args.tensorboard_dir and chief:
         extra_callbacks.insert(0, keras.callbacks.TensorBoard(
             args.tensorboard_dir, update_freq="batch"))
-    verbose = 1 if sys.stdout.isatty() else 2
+    # One progress bar: the chief's.
+    verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
     if args.strategy == "multi_worker_mirrored":
         # Keras 3.15's fit fails under this strategy (keras-team/keras#20585):
         # a strategy.run loop with the same callbacks, and its own backup

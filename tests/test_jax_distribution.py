@@ -192,6 +192,10 @@ def test_two_processes_train_alike_and_as_one_process_on_the_batch(runs):
     assert reported[0] == reported[1] == held_out_bits(
         outputs["single"][2]), reported
     assert sample(outputs["dp"][0]) == sample(outputs["dp"][1])
+    # One progress bar, the chief's (Keras's per-epoch lines at verbose 2).
+    progress = re.compile(r"\d+/\d+ - .* - loss: ")
+    assert progress.search(outputs["dp"][0])
+    assert not progress.search(outputs["dp"][1])
 
 
 def test_only_process_zero_writes_files(runs):
