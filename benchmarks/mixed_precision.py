@@ -1,28 +1,33 @@
 """mixed_bfloat16 against float32 on the CPU: train-step time and bits per
-byte after the same steps.
+byte after the same steps, and the matrix products behind them.
 
 The example's causal LM (`examples/train_lm.py`'s model and schedule, its
 default sizes unless given) trained on the embedded corpus for `--steps`
 steps with the same seed and data order, once per (dtype policy, compiler)
-variant, each in its own process: the median train-step time (after the
-first, compiling step), the process's CPU time per step, and the held-out
-bits per byte on the first `--eval-batches` held-out batches. The same run
-measures this CPU's matrix-product throughput in float32 and bfloat16
-(TensorFlow under XLA, and TensorFlow's own oneDNN kernels), which says
-whether a bfloat16 product is faster here at all.
+variant, all variants in one process taking their steps in turn: the median
+train-step time (after the first, compiling step), the process's CPU time
+per step, and the held-out bits per byte on the first `--eval-batches`
+held-out batches. The same run measures, in separate processes, the three
+products of a dense layer's training step (forward, input gradient, weight
+gradient) in float32, in bfloat16, and with bfloat16 operands and float32
+results (TensorFlow under XLA and with its own oneDNN kernels; JAX), which
+says where a bfloat16 product is faster on this CPU at all.
 
     python benchmarks/mixed_precision.py --steps 200
+    python benchmarks/mixed_precision.py --steps 30 --hidden-dim 512 \
+        --num-heads 8 --variants float32_xla,bfloat16_xla --no-products
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 
-from isolated import matmul_gflops
+import numpy as np
+
 from isolated import run_single
-from isolated import step_timer
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                         "examples")
@@ -35,51 +40,149 @@ VARIANTS = {
 }
 
 
-def train(variant, args):
+def train(variants, args):
+    """Trains one model per variant in this process, the variants' steps
+    interleaved (each takes one step in turn), so that a shared machine's
+    load weighs on every variant alike.
+
+    Returns:
+        Per variant: the median train-step time (after the first,
+        compiling step), the mean CPU time of the process during its steps,
+        and the held-out bits per byte after `args.steps` steps.
+    """
     import keras
-    import numpy as np
 
     sys.path.insert(0, EXAMPLES)
     import train_lm
     from keras_reformer import text_data
 
-    policy, jit_compile = VARIANTS[variant]
-
-    keras.config.set_dtype_policy(policy)
-    example_args = train_lm.parse_args(
-        ["--epochs", "1", "--steps-per-epoch", str(args.steps),
-         "--sequence-length", str(args.sequence_length),
-         "--hidden-dim", str(args.hidden_dim),
-         "--batch-size", str(args.batch_size), "--seed", "0",
-         "--sample-length", "1",
-         "--jit-compile" if jit_compile else "--no-jit-compile"])
-    keras.utils.set_random_seed(0)
-    model = train_lm.build_model(example_args)
     train_data, held_out = text_data.split_corpus(text_data.stdlib_corpus())
-    dataset = text_data.language_model_dataset(
-        train_data, args.sequence_length, args.batch_size, shuffle=True,
-        seed=0, repeat=True)
-    timer = step_timer()
-    cpu_start = time.process_time()
-    model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0,
-              callbacks=[timer])
-    cpu_per_step = (time.process_time() - cpu_start) / args.steps
+    runs = {}
+    for variant in variants:
+        policy, jit_compile = VARIANTS[variant]
+        keras.config.set_dtype_policy(policy)
+        example_args = train_lm.parse_args(
+            ["--epochs", "1", "--steps-per-epoch", str(args.steps),
+             "--sequence-length", str(args.sequence_length),
+             "--hidden-dim", str(args.hidden_dim),
+             "--num-heads", str(args.num_heads),
+             "--batch-size", str(args.batch_size), "--seed", "0",
+             "--sample-length", "1",
+             "--jit-compile" if jit_compile else "--no-jit-compile"])
+        keras.utils.set_random_seed(0)
+        model = train_lm.build_model(example_args)
+        keras.config.set_dtype_policy("float32")
+        batches = iter(text_data.language_model_dataset(
+            train_data, args.sequence_length, args.batch_size, shuffle=True,
+            seed=0, repeat=True))
+        runs[variant] = (model, batches, [], [])
+    for _ in range(args.steps):
+        for model, batches, times, cpu_times in runs.values():
+            inputs, targets = next(batches)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            model.train_on_batch(inputs, targets)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     evaluation = text_data.language_model_dataset(
         held_out, args.sequence_length, args.batch_size).take(
             args.eval_batches)
-    _, bits_per_byte = model.evaluate(evaluation, verbose=0)
-    return {"median_step_s": float(np.median(timer.times[1:])),
-            "cpu_s_per_step": cpu_per_step,
-            "held_out_bits_per_byte": float(bits_per_byte)}
+    results = {}
+    for variant, (model, _, times, cpu_times) in runs.items():
+        _, bits_per_byte = model.evaluate(evaluation, verbose=0)
+        results[variant] = {"median_step_s": float(np.median(times[1:])),
+                            "cpu_s_per_step": float(np.mean(cpu_times[1:])),
+                            "held_out_bits_per_byte": float(bits_per_byte)}
+    return results
 
 
-def matmul_table():
-    """GFLOP/s of a 2048^3 product per (dtype, compiler)."""
-    import tensorflow  # noqa: F401
+# The three products of a dense layer's training step, rows x inputs times
+# inputs x outputs: (name, lhs shape, rhs shape, transpose lhs, transpose rhs).
+ROWS, INPUTS, OUTPUTS = 4096, 512, 2048
+PRODUCTS = (("forward", (ROWS, INPUTS), (INPUTS, OUTPUTS), False, False),
+            ("input_gradient", (ROWS, OUTPUTS), (INPUTS, OUTPUTS), False,
+             True),
+            ("weight_gradient", (ROWS, INPUTS), (ROWS, OUTPUTS), True,
+             False))
+# (column, compiler, operand dtype, result dtype) per measured variant.
+PRODUCT_VARIANTS = {
+    "tensorflow": (("float32_xla", True, "float32", "float32"),
+                   ("bfloat16_xla", True, "bfloat16", "bfloat16"),
+                   ("bfloat16_to_float32_xla", True, "bfloat16", "float32"),
+                   ("float32_onednn", False, "float32", "float32"),
+                   ("bfloat16_onednn", False, "bfloat16", "bfloat16")),
+    "jax": (("float32_xla", True, "float32", "float32"),
+            ("bfloat16_xla", True, "bfloat16", "bfloat16"),
+            ("bfloat16_to_float32_xla", True, "bfloat16", "float32")),
+}
 
-    return {f"{dtype}_{'xla' if jit else 'onednn'}": round(
-        matmul_gflops("tensorflow", dtype, jit_compile=jit), 1)
-        for dtype in ("float32", "bfloat16") for jit in (True, False)}
+
+def product_function(framework, jit_compile, result_dtype, transpose_a,
+                     transpose_b):
+    """`op(a) @ op(b)` with `result_dtype` results (float32 results of
+    bfloat16 operands accumulate and stay in float32)."""
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def product(a, b):
+            return jnp.matmul(a.T if transpose_a else a,
+                              b.T if transpose_b else b,
+                              preferred_element_type=result_dtype)
+
+        jitted = jax.jit(product)
+        return lambda a, b: jitted(a, b).block_until_ready()
+    import tensorflow as tf
+
+    def product(a, b):
+        return tf.raw_ops.BatchMatMulV3(x=a, y=b, Tout=result_dtype,
+                                        adj_x=transpose_a, adj_y=transpose_b)
+
+    compiled = tf.function(product, jit_compile=jit_compile)
+    return lambda a, b: compiled(a, b).numpy()
+
+
+def product_table(framework, repeats=5):
+    """GFLOP/s of each of `PRODUCTS` per `PRODUCT_VARIANTS[framework]`
+    column: the median of `repeats` calls, the variants' calls interleaved
+    (a shared machine's load then weighs on every column alike); a product
+    the compiler cannot run reads "error"."""
+    random = np.random.RandomState(0)
+    table = {}
+    for name, lhs_shape, rhs_shape, transpose_a, transpose_b in PRODUCTS:
+        lhs = random.randn(*lhs_shape).astype("float32")
+        rhs = random.randn(*rhs_shape).astype("float32")
+        calls, row = {}, {}
+        for column, jit_compile, dtype, result_dtype in PRODUCT_VARIANTS[
+                framework]:
+            if framework == "jax":
+                import jax.numpy as jnp
+
+                a, b = jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype)
+            else:
+                import tensorflow as tf
+
+                a, b = (tf.cast(tf.constant(lhs), dtype),
+                        tf.cast(tf.constant(rhs), dtype))
+            product = product_function(framework, jit_compile, result_dtype,
+                                       transpose_a, transpose_b)
+            try:
+                product(a, b)  # compiles
+            except Exception as error:  # XLA:CPU's unsupported variants
+                row[column] = "error: " + str(error).splitlines()[0][:80]
+                continue
+            calls[column] = functools.partial(product, a, b)
+        times = {column: [] for column in calls}
+        for _ in range(repeats):
+            for column, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[column].append(time.perf_counter() - start)
+        for column, seconds in times.items():
+            row[column] = round(
+                2 * ROWS * INPUTS * OUTPUTS / np.median(seconds) / 1e9, 1)
+        table[name] = {column: row[column] for column, *_ in
+                       PRODUCT_VARIANTS[framework]}
+    return table
 
 
 def main():
@@ -87,41 +190,50 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--sequence-length", type=int, default=256)
     parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--num-heads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--products", action=argparse.BooleanOptionalAction,
+                        default=True, help="measure the matrix products")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
     flags = ["--steps", args.steps, "--sequence-length",
              args.sequence_length, "--hidden-dim", args.hidden_dim,
+             "--num-heads", args.num_heads,
              "--batch-size", args.batch_size, "--eval-batches",
              args.eval_batches]
-    if args.single == "matmul":
-        print(json.dumps(matmul_table()))
+    if args.single in ("products_tensorflow", "products_jax"):
+        print(json.dumps(product_table(args.single.split("_")[1])))
         return
     if args.single:
-        print(json.dumps(train(args.single, args)))
+        print(json.dumps(train(args.single.split(","), args)))
         return
-    matmul = run_single(__file__, "matmul", flags, backend="tensorflow")
-    print(json.dumps({"benchmark": "mixed_precision", "matmul_gflops":
-                      matmul}), flush=True)
-    results = {}
-    for variant in args.variants.split(","):
-        result = run_single(__file__, variant, flags, backend="tensorflow")
-        results[variant] = result
+    for framework in ("tensorflow", "jax") if args.products else ():
+        print(json.dumps({
+            "benchmark": "mixed_precision", "framework": framework,
+            "product_gflops": run_single(__file__, f"products_{framework}",
+                                         flags, backend=framework)}),
+              flush=True)
+    results = run_single(__file__, args.variants, flags,
+                         backend="tensorflow")
+    if "error" in results:
+        print(json.dumps({"benchmark": "mixed_precision", **results}))
+        return
+    for variant, result in results.items():
         print(json.dumps({"benchmark": "mixed_precision", "variant": variant,
                           "policy": VARIANTS[variant][0],
                           "xla": VARIANTS[variant][1],
                           "hidden_dim": args.hidden_dim,
+                          "num_heads": args.num_heads,
                           "steps": args.steps, **{
-                              key: round(value, 4) if isinstance(
-                                  value, float) else value
+                              key: round(value, 4)
                               for key, value in result.items()}}),
               flush=True)
     for compiler in ("xla", "graph"):
         full, half = (results.get(f"float32_{compiler}"),
                       results.get(f"bfloat16_{compiler}"))
-        if full and half and "error" not in full and "error" not in half:
+        if full and half:
             print(json.dumps({
                 "benchmark": "mixed_precision", "compiler": compiler,
                 "float32_over_bfloat16_step_time": round(
