@@ -1,5 +1,5 @@
-"""`attend`, whose backward pass is written by hand, against plain autodiff
-of the textbook formula."""
+"""`attend` and the LSH rounds' combination, whose backward passes are
+written by hand, against plain autodiff of the textbook formulas."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import masked_scores
+from keras_reformer.layers.lsh_self_attention import _combine_rounds
 from tests.helpers import assert_close
 from tests.helpers import value_and_grads
 
@@ -55,4 +56,26 @@ def test_attend_gradients_equal_autodiff_of_softmax(dropout):
     expected = value_and_grads(loss(lambda q, k, v: _plain_attend(
         q, k, v, mask_fn, factors)), queries, [])
     assert_close(actual[0], expected[0], atol=1e-3)
+    assert_close(actual[1], expected[1], atol=1e-4)
+
+
+def test_combined_rounds_gradients_equal_autodiff_of_softmax():
+    rng = np.random.RandomState(1)
+    outputs = rng.randn(2, 3, 4, 5, 6).astype("float32")
+    logsumexp = 2 * rng.randn(2, 3, 4, 5).astype("float32")
+    logsumexp[0, 0, :, 0] = -1e5  # every round only its self-mask score
+    weights = rng.randn(2, 3, 5, 6).astype("float32")
+
+    def loss(combine):
+        return lambda x: ops.sum(combine(outputs * x,
+                                         logsumexp + x[..., 0]) * weights)
+
+    def plain(outputs, logsumexp):
+        return ops.sum(outputs * ops.softmax(logsumexp, axis=-2)[..., None],
+                       axis=-3)
+
+    x = 1 + 0.1 * rng.randn(2, 3, 4, 5, 6).astype("float32")
+    actual = value_and_grads(loss(_combine_rounds), x, [])
+    expected = value_and_grads(loss(plain), x, [])
+    assert_close(actual[0], expected[0], atol=1e-4)
     assert_close(actual[1], expected[1], atol=1e-4)
