@@ -15,6 +15,7 @@ import pytest
 
 BACKEND_AGNOSTIC_TESTS = [
     "tests/test_lsh_self_attention.py",
+    "tests/test_chunked_attention.py",
     "tests/test_local_and_linformer_attention.py",
     "tests/test_reversible.py",
     "tests/test_chunked_feed_forward.py",

@@ -14,6 +14,7 @@ the tokens were sorted into:
 import keras
 from keras import ops
 
+from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 
 
@@ -74,36 +75,90 @@ def masked_scores(scores, query_positions, key_positions, key_valid, causal,
 def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
     """Softmax attention returning outputs and each query's logsumexp.
 
+    Differentiated by its own backward pass (`_attention_backward`), whose
+    sums over keys and feature dimensions are matrix products, where plain
+    autodiff of the softmax would sum products of score-sized tensors.
+
     Args:
         queries: `(..., queries, head_dim)`.
         keys: `(..., keys, head_dim)`, already scaled.
         values: `(..., keys, head_dim)`.
-        scores_mask_fn: function applying the masks to the raw scores.
-        dropout_fn: optional function applied to the attention weights.
+        scores_mask_fn: function applying the masks to the raw scores
+            (replacing masked entries by constants, as `masked_scores`).
+        dropout_fn: optional function applied to the attention weights
+            (elementwise: each weight scaled by a factor drawn once).
 
     Returns:
         `(outputs, logsumexp)`, shapes `(..., queries, head_dim)` and
         `(..., queries)`, `logsumexp` in float32.
     """
-    scores = scores_mask_fn(ops.einsum("...qd,...kd->...qk", queries, keys))
+    shape = tuple(ops.shape(queries)[:-1]) + (ops.shape(keys)[-2],)
+    # The masks as scores: zero where the raw score is kept, the constant
+    # that replaces it elsewhere.
+    replacements = scores_mask_fn(ops.zeros(shape, queries.dtype))
+    masks = [replacements]
+    if dropout_fn is not None:
+        masks.append(dropout_fn(ops.ones(shape, "float32")))
+    return with_custom_gradient(_attention_forward, _attention_backward)(
+        queries, keys, values, *masks)
+
+
+def _attention_forward(queries, keys, values, replacements, factors=None):
+    """`attend`'s outputs and what `_attention_backward` needs; `factors`:
+    None, or the dropout's factor for each weight."""
+    kept = ops.equal(replacements, ops.zeros((), replacements.dtype))
+    scores = ops.where(
+        kept, ops.einsum("...qd,...kd->...qk", queries, keys), replacements)
     scores = ops.cast(scores, "float32")
     # Normalise by the sum after subtracting the maximum rather than by
     # exp(logsumexp): with scores near the -1e5 self-mask value, float32
     # cannot hold logsumexp precisely enough for weights that sum to one.
     # `initial`: no score is below the mask value, and an empty batch has no
     # maximum to find (Keras raises on the max of an empty tensor otherwise).
-    maximum = ops.stop_gradient(ops.max(
-        scores, axis=-1, keepdims=True, initial=mask_values("float32")[0]))
+    maximum = ops.max(scores, axis=-1, keepdims=True,
+                      initial=mask_values("float32")[0])
     exponentials = ops.exp(scores - maximum)
     total = ops.sum(exponentials, axis=-1, keepdims=True)
     weights = exponentials / total
-    logsumexp = maximum + ops.log(total)
-    if dropout_fn is not None:
-        weights = dropout_fn(weights)
+    logsumexp = ops.squeeze(maximum + ops.log(total), -1)
+    dropped = weights if factors is None else weights * factors
     outputs = ops.einsum(
-        "...qk,...kd->...qd", ops.cast(weights, values.dtype), values
-    )
-    return outputs, ops.squeeze(logsumexp, -1)
+        "...qk,...kd->...qd", ops.cast(dropped, values.dtype), values)
+    residuals = (queries, keys, values, kept, factors, weights, outputs)
+    return (outputs, logsumexp), residuals
+
+
+def _attention_backward(residuals, output_grads):
+    """Gradients of `attend` with respect to its queries, keys and values.
+
+    With weights `P` (before dropout), `dP` the gradient reaching them and
+    `g` that of the logsumexp, the scores' gradient is `P * (dP - sum(P *
+    dP) + g)` where a score was kept, zero where a mask replaced it.
+    """
+    queries, keys, values, kept, factors, weights, outputs = residuals
+    output_grad, logsumexp_grad = output_grads
+    dropped = weights if factors is None else weights * factors
+    value_grad = ops.einsum("...qk,...qd->...kd",
+                            ops.cast(dropped, values.dtype), output_grad)
+    weight_grad = ops.cast(ops.einsum(
+        "...qd,...kd->...qk", output_grad, values), "float32")
+    if factors is None:
+        # sum(P * dP) over the keys is the outputs' product with their
+        # gradient: a sum over the (fewer) feature dimensions.
+        through_weights = ops.einsum(
+            "...qd,...qd->...q", ops.cast(output_grad, "float32"),
+            ops.cast(outputs, "float32"))
+    else:
+        weight_grad = weight_grad * factors
+        through_weights = ops.einsum("...qk,...qk->...q", weight_grad,
+                                     weights)
+    score_grad = weights * (weight_grad + ops.expand_dims(
+        ops.cast(logsumexp_grad, "float32") - through_weights, -1))
+    score_grad = ops.cast(ops.where(kept, score_grad, 0.0), queries.dtype)
+    query_grad = ops.einsum("...qk,...kd->...qd", score_grad, keys)
+    key_grad = ops.einsum("...qk,...qd->...kd", score_grad, queries)
+    masks_grads = (None,) if factors is None else (None, None)
+    return (query_grad, key_grad, value_grad) + masks_grads
 
 
 def look_adjacent(chunks, num_chunks_before, num_chunks_after):

@@ -11,6 +11,7 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.chunked_attention import take_rows
+from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
@@ -562,6 +563,11 @@ def _check_num_buckets(num_buckets):
 def _combine_rounds(outputs, logsumexp):
     """Weights each round's outputs by the softmax of its logsumexp.
 
+    Written round by round (elementwise, with a backward pass of its own
+    whose sums over the feature dimensions are matrix products): plain
+    sums over the round axis and their autodiff are reductions that XLA's
+    CPU compiler runs slowly.
+
     Args:
         outputs: `(..., num_hashes, length, head_dim)`.
         logsumexp: `(..., num_hashes, length)`, float32.
@@ -571,11 +577,55 @@ def _combine_rounds(outputs, logsumexp):
     """
     if outputs.shape[-3] == 1:
         return outputs[..., 0, :, :]
-    # softmax subtracts the maximum first: exact even when every round's
-    # logsumexp is near the -1e5 self-mask score.
-    weights = ops.softmax(logsumexp, axis=-2)
-    return ops.sum(outputs * ops.cast(weights, outputs.dtype)[..., None],
-                   axis=-3)
+    (combined,) = with_custom_gradient(
+        _combine_forward, _combine_backward)(outputs, logsumexp)
+    return combined
+
+
+def _round_weights(logsumexp):
+    """The softmax over rounds of `logsumexp` `(..., num_hashes, length)`,
+    a list of `(..., length)` per round. It subtracts the maximum first:
+    exact even when every round's logsumexp is near the -1e5 self-mask
+    score."""
+    rounds = [logsumexp[..., r, :] for r in range(logsumexp.shape[-2])]
+    maximum = rounds[0]
+    for value in rounds[1:]:
+        maximum = ops.maximum(maximum, value)
+    exponentials = [ops.exp(value - maximum) for value in rounds]
+    total = exponentials[0]
+    for value in exponentials[1:]:
+        total = total + value
+    return [value / total for value in exponentials]
+
+
+def _combine_forward(outputs, logsumexp):
+    weights = _round_weights(logsumexp)
+    combined = 0
+    for r, weight in enumerate(weights):
+        combined = combined + outputs[..., r, :, :] * ops.cast(
+            weight, outputs.dtype)[..., None]
+    return (combined,), (outputs, weights)
+
+
+def _combine_backward(residuals, output_grads):
+    """With weights `w` and `g` the combined output's gradient: round `r`'s
+    outputs get `w_r g`, its logsumexp `w_r (s_r - sum_t w_t s_t)` where
+    `s_r = <g, outputs_r>` (the sum over features a matrix product)."""
+    outputs, weights = residuals
+    (grad,) = output_grads
+    outputs_grad = ops.stack(
+        [grad * ops.cast(weight, grad.dtype)[..., None]
+         for weight in weights], axis=-3)
+    products = [ops.cast(ops.einsum("...ld,...ld->...l", grad,
+                                    outputs[..., r, :, :]), "float32")
+                for r in range(len(weights))]
+    mean = 0
+    for weight, product in zip(weights, products):
+        mean = mean + weight * product
+    logsumexp_grad = ops.stack(
+        [weight * (product - mean)
+         for weight, product in zip(weights, products)], axis=-2)
+    return outputs_grad, logsumexp_grad
 
 
 class _RealChunksFirst:
