@@ -16,7 +16,7 @@ def _issue_layer(layer_class):
 
 
 @pytest.mark.parametrize("length,expected", [
-    (1024, (None, None)), (4096, (None, None)), (16384, (2, None)),
+    (1024, (None, None)), (4096, (None, None)), (16384, (1, None)),
     (65536, (1, 2)), (1048576, (1, 32))])
 def test_lsh_auto_plan_follows_the_length_as_documented(length, expected):
     layer = _issue_layer(LSHSelfAttention)
@@ -44,7 +44,7 @@ def test_explicit_options_and_unknown_lengths():
         None, None)
 
 
-@pytest.mark.parametrize("budget,expected", [(1024, (2, None)),
+@pytest.mark.parametrize("budget,expected", [(1024, (1, None)),
                                              (256, (1, 2))])
 def test_lsh_auto_plan_equals_all_at_once(monkeypatch, budget, expected):
     # 29 tokens padded to 32, chunks of 4, 2 rounds: 512 scores per head.

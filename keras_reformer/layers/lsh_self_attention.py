@@ -72,10 +72,9 @@ class LSHSelfAttention(SelfAttentionBase):
             when the layer is traced (`memory_plan.plan`): all heads while
             their chunk scores, `num_heads * num_hashes * length *
             (num_chunks_before + 1 + num_chunks_after) * chunk_length`,
-            are at most `2**24` (4,096 tokens with 8 heads, 4 rounds, chunks
-            of 64 and one chunk of look-back), else the most heads whose
-            scores are (one at a time from 32,768 tokens there); all heads
-            when the length is unknown while tracing.
+            are at most `2**24` (up to 4,096 tokens with 8 heads, 4 rounds,
+            chunks of 64 and one chunk of look-back), else one head at a
+            time; all heads when the length is unknown while tracing.
         segments: `"auto"`, None (the whole sorted sequence at once) or an
             int: attend that many equal runs of chunks one after another,
             and recompute each run's attention in the backward pass; the
@@ -84,9 +83,9 @@ class LSHSelfAttention(SelfAttentionBase):
             padded length / chunk_length`), the largest number of runs below
             it that does is used (1 when the length is unknown while
             tracing). `"auto"`: the fewest runs dividing the chunks that
-            keep one step's scores (of `parallel_heads` heads) at most
-            `2**24` (2 runs at 65,536 tokens in the configuration above,
-            64 at 1,048,576).
+            keep one step's scores (of the heads attended at a time) at
+            most `2**24` (one head at a time in the configuration above:
+            one run up to 32,768 tokens, 2 at 65,536, 32 at 1,048,576).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
