@@ -49,12 +49,13 @@ class LocalSelfAttention(KeyValueAttention):
             chunks, the largest number of runs below it that does is used
             (1 when the length is unknown while tracing). `"auto"` chooses
             from the padded input length when the layer is traced
-            (`memory_plan.plan`): the fewest runs dividing the chunks that
-            keep one run's scores, `num_heads * length * (num_chunks_before
-            + 1 + num_chunks_after) * chunk_length / runs`, at most `2**24`
-            (all at once up to 16,384 tokens with 8 heads, chunks of 64 and
-            one chunk of look-back); all at once when the length is unknown
-            while tracing.
+            (`memory_plan.plan`): all at once while the scores,
+            `num_heads * length * (num_chunks_before + 1 + num_chunks_after)
+            * chunk_length`, are at most `2**24` (up to 16,384 tokens with 8
+            heads, chunks of 64 and one chunk of look-back), else the fewest
+            runs dividing the chunks that keep each run's within `2**24`
+            (`2**21` on JAX); all at once when the length is unknown while
+            tracing.
 
     Example:
     >>> layer = LocalSelfAttention(num_heads=2, head_dim=16, chunk_length=8,

@@ -82,10 +82,13 @@ class LSHSelfAttention(SelfAttentionBase):
             Where it does not divide the number of chunks (`num_hashes *
             padded length / chunk_length`), the largest number of runs below
             it that does is used (1 when the length is unknown while
-            tracing). `"auto"`: the fewest runs dividing the chunks that
-            keep one step's scores (of the heads attended at a time) at
-            most `2**24` (one head at a time in the configuration above:
-            one run up to 32,768 tokens, 2 at 65,536, 32 at 1,048,576).
+            tracing). `"auto"`: one run while all heads' scores fit `2**24`;
+            else the fewest runs dividing the chunks that keep each run's
+            scores (of the heads attended at a time) within `2**24` on
+            TensorFlow and `2**21` on JAX, where smaller runs measured
+            faster (one head at a time in the configuration above: at
+            16,384 tokens one run, 4 on JAX; 65,536: 2, 16 on JAX;
+            1,048,576: 32, 256 on JAX).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,

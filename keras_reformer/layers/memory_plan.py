@@ -1,6 +1,8 @@
 """How many heads and runs of chunks a chunked attention layer attends at a
 time: its `parallel_heads` and `segments` arguments, `"auto"` included."""
 
+import keras
+
 from keras_reformer.layers.validation import check_positive_int
 
 AUTO = "auto"
@@ -9,6 +11,18 @@ AUTO = "auto"
 # step, each query times its window of keys) that the automatic plan
 # attends at once: 2**24 float32 scores are 64 MiB.
 STEP_SCORES = 2**24
+# On JAX, runs of chunks as small as this were faster than larger ones
+# (XLA:CPU's loop of runs beside one head at a time, at 4K and 16K tokens);
+# on TensorFlow each run costs time, and runs start above STEP_SCORES.
+JAX_RUN_SCORES = 2**21
+
+
+def run_scores():
+    """The most scores per run of chunks that the automatic plan allows
+    with more than one run: `JAX_RUN_SCORES` on JAX, else `STEP_SCORES`."""
+    if keras.backend.backend() == "jax":
+        return min(JAX_RUN_SCORES, STEP_SCORES)
+    return STEP_SCORES
 
 
 def check_plan_option(name, value, num_heads=None):
@@ -33,10 +47,10 @@ def plan(parallel_heads, segments, num_heads, scores_per_head, num_chunks):
     `"auto"` chooses from the sizes: all heads at once while one step's
     scores (`heads * scores_per_head / runs`) stay within `STEP_SCORES`,
     else one head at a time (less memory than any larger group, and as
-    fast or faster in the measurements); then, for those heads, the fewest
-    runs dividing `num_chunks` that keep them within it. When the length
-    is unknown while tracing (`scores_per_head` a tensor), `"auto"` means
-    all at once.
+    fast or faster in the measurements); then all chunks at once when all
+    heads fit, else the fewest runs dividing `num_chunks` that keep each
+    run's scores within `run_scores()`. When the length is unknown while
+    tracing (`scores_per_head` a tensor), `"auto"` means all at once.
 
     Args:
         parallel_heads: `"auto"`, None (all heads) or an int dividing
@@ -64,8 +78,10 @@ def plan(parallel_heads, segments, num_heads, scores_per_head, num_chunks):
         runs = None
         if known:
             scores = (group or num_heads) * scores_per_head
-            runs = min(r for r in range(1, num_chunks + 1)
-                       if num_chunks % r == 0
-                       and (scores <= STEP_SCORES * r or r == num_chunks))
-            runs = runs if runs > 1 else None
+            if group is not None or scores > STEP_SCORES:
+                runs = min(r for r in range(1, num_chunks + 1)
+                           if num_chunks % r == 0 and (
+                               scores <= run_scores() * r
+                               or r == num_chunks))
+                runs = runs if runs > 1 else None
     return group, runs
