@@ -17,7 +17,9 @@ wall time, CPU time and memory against length.
     python benchmarks/attention_cpu.py --lengths 1024,4096,16384
 
 `--lsh-options` passes more arguments to our LSH layer (its memory-lean
-paths), e.g. `--lsh-options '{"parallel_heads": 1, "segments": 4}'`.
+paths), e.g. `--lsh-options '{"parallel_heads": 1, "segments": 4}'`; a JSON
+list of such dicts measures each of our LSH implementations once per dict,
+side by side (named e.g. `lsh_tf parallel_heads=1 segments=4`).
 """
 
 import argparse
@@ -58,7 +60,8 @@ def main():
                         default=",".join(IMPLEMENTATIONS),
                         help="comma-separated, from layer_steps.STEPS")
     parser.add_argument("--lsh-options", default="{}",
-                        help="JSON dict of more LSHSelfAttention arguments")
+                        help="JSON dict of more LSHSelfAttention arguments, "
+                             "or a list of such dicts")
     parser.add_argument("--plot", default=PLOT, help="PNG file to write")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,32 +77,34 @@ def main():
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from "
                      f"{sorted(layer_steps.STEPS)}")
+    variants = _variants(names, json.loads(args.lsh_options))
     lines = []
     for length in [int(n) for n in args.lengths.split(",")]:
         results = {}
-        for name in names:
+        for label, name, options in variants:
             backend = layer_steps.BACKENDS[name]
             result = run_single(
                 __file__, f"{name}:{length}",
                 ["--heads", args.heads, "--repeats", args.repeats,
-                 "--lsh-options", args.lsh_options],
+                 "--lsh-options", json.dumps(options)],
                 backend="jax" if backend == "torch" else backend)
-            line = {"benchmark": "attention_cpu", "implementation": name,
+            line = {"benchmark": "attention_cpu", "implementation": label,
                     "length": length, "heads": args.heads}
             if "error" in result:
                 line["error"] = result["error"]
             else:
-                results[name] = result
+                results[label] = result
                 line.update(ms=round(1e3 * result["seconds"], 1),
                             cpu_ms=round(1e3 * result["cpu_seconds"], 1),
                             peak_mib=round(result["peak_mib"], 1))
             lines.append(line)
             print(json.dumps(line), flush=True)
-        if names[0] in results:
-            base = results[names[0]]
+        first = variants[0][0]
+        if first in results:
+            base = results[first]
             print(json.dumps({
                 "benchmark": "attention_cpu", "length": length,
-                "relative_to": names[0],
+                "relative_to": first,
                 "time": {name: round(r["seconds"] / base["seconds"], 2)
                          for name, r in results.items()},
                 "cpu_time": {name: round(r["cpu_seconds"]
@@ -113,6 +118,24 @@ def main():
                    "implementation",
                    f"one attention layer, forward+backward, CPU, "
                    f"{args.heads} heads of 64")
+
+
+def _variants(names, lsh_options):
+    """`(label, implementation, options)` to measure: each `lsh*`
+    implementation once per dict of `lsh_options` (a dict or a list of
+    dicts), labelled with its options, the others once."""
+    if isinstance(lsh_options, dict):
+        lsh_options = [lsh_options]
+    variants = []
+    for name in names:
+        if not name.startswith("lsh"):
+            variants.append((name, name, {}))
+            continue
+        for options in lsh_options:
+            label = " ".join([name] + [f"{key}={value}" for key, value
+                                       in sorted(options.items())])
+            variants.append((label, name, options))
+    return variants
 
 
 if __name__ == "__main__":

@@ -13,13 +13,19 @@ import numpy as np
 
 def timed_calls(function, repeats):
     """Calls `function` once untimed (compiling, warming up), then `repeats`
-    times.
+    times; with `repeats=0`, the one call is timed (warm-up included: for
+    peers without compilation at lengths too slow to repeat).
 
     Returns:
         `(median wall seconds, mean CPU seconds)` per timed call; the CPU
         time is the process's (all its threads, user and system), which a
         machine shared with other work inflates less than the wall time.
     """
+    if repeats == 0:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        function()
+        return (time.perf_counter() - start,
+                time.process_time() - cpu_start)
     function()
     times = []
     cpu_start = time.process_time()

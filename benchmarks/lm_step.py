@@ -79,17 +79,20 @@ def axial_shape_for(length):
     return (rows, max(1, length // rows))
 
 
-# Command-line flags for the attention layers' memory options (0: off):
+# Command-line flags for the attention layers' memory options (not given:
+# the layers' automatic choice; 0: all at once):
 # flag -> (attention type, option, help).
 MEMORY_OPTIONS = {
     "lsh_parallel_heads": ("lsh", "parallel_heads", "LSH heads at a time, "
-                           "recomputed in the backward pass (0: all at once)"),
+                           "recomputed in the backward pass (0: all at once; "
+                           "default: the layer's automatic choice)"),
     "lsh_segments": ("lsh", "segments", "runs of sorted chunks each LSH "
                      "layer attends one after another, recomputed in the "
-                     "backward pass (0: all at once)"),
+                     "backward pass (0: all at once; default: automatic)"),
     "local_segments": ("local", "segments", "runs of chunks each local "
                        "attention layer attends one after another, "
-                       "recomputed in the backward pass (0: all at once)"),
+                       "recomputed in the backward pass (0: all at once; "
+                       "default: automatic)"),
 }
 
 
@@ -131,7 +134,7 @@ def build_ours(config, memory_options):
     arguments = convert_backbone_config(config.to_dict())
     for flag, value in memory_options.items():
         kind, option, _ = MEMORY_OPTIONS[flag]
-        if kind in arguments["attention_options"]:
+        if value is not None and kind in arguments["attention_options"]:
             arguments["attention_options"][kind][option] = value or None
     return ReformerCausalLM(ReformerBackbone(**arguments))
 
@@ -241,7 +244,7 @@ def main():
                         help="keep only the first N layers (smoke tests)")
     for flag, (_, _, text) in MEMORY_OPTIONS.items():
         parser.add_argument("--" + flag.replace("_", "-"), type=int,
-                            default=0, help=text)
+                            help=text)
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "
                         "nothing runs) instead of timing steps")
@@ -267,7 +270,7 @@ def main():
         parser.error(f"unknown implementations {unknown}; choose from "
                      f"{list(IMPLEMENTATIONS)}")
     flags = ["--repeats", args.repeats, "--layers", args.layers] + [
-        item for option, value in memory_options.items()
+        item for option, value in memory_options.items() if value is not None
         for item in ("--" + option.replace("_", "-"), value)] + (
         ["--plan"] if args.plan else [])
     lines = []

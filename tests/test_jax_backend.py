@@ -21,6 +21,7 @@ BACKEND_AGNOSTIC_TESTS = [
     "tests/test_chunked_feed_forward.py",
     "tests/test_axial_position_embedding.py",
     "tests/test_permute.py",
+    "tests/test_memory_plan.py",
     "tests/test_layer_norm.py",
     # Generation: the JAX decoding code paths and jitted generate(); the
     # rest of that file reruns eager per-shape ops, slow on JAX's CPU.

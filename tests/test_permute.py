@@ -130,17 +130,17 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
     grouped, _ = _grouped_and_whole(dropout=0.3)
 
     def unrolled_groups(self, inputs, valid, rotations, dropout_seed,
-                        kernels):
+                        kernels, size, runs):
         # The same groups, order and dropout seeds, unrolled, under autodiff.
         query_key = self.project(inputs, kernels[0])
         _, _, indices = self._sort_by_buckets(self._hash(
             lambda g, size: lsh_self_attention._heads(query_key, g * size,
                                                       size),
-            rotations), valid)
-        size = self.parallel_heads
+            rotations, size), valid)
         slicing = [(axis, 0) for axis in lsh_self_attention._HEAD_AXES]
         return sum(self._group_output(g, inputs, indices, dropout_seed,
-                                      step_views(kernels, g, size, slicing))
+                                      step_views(kernels, g, size, slicing),
+                                      size, runs)
                    for g in range(self.num_heads // size))
 
     assert_recomputed_gradient_equals_autodiff(

@@ -9,6 +9,9 @@ from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import look_adjacent
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.key_value_attention import KeyValueAttention
+from keras_reformer.layers.memory_plan import AUTO
+from keras_reformer.layers.memory_plan import check_plan_option
+from keras_reformer.layers.memory_plan import plan
 from keras_reformer.layers.seeds import offset_seed
 from keras_reformer.layers.masks import pad_to_multiple
 from keras_reformer.layers.masks import zero_padding
@@ -37,14 +40,22 @@ class LocalSelfAttention(KeyValueAttention):
         causal: bool, a token never attends to later tokens.
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds dropout.
-        segments: None (all chunks at once) or an int: the chunks are
-            attended in that many runs, one after another, each recomputed
-            in the backward pass, so only one run's scores and key windows
-            are alive at once (less memory for very long sequences; the same
-            outputs and gradients, dropout aside, which is drawn per run).
-            Where it does not divide the number of chunks, the largest
-            number of runs below it that does is used (1 when the length is
-            unknown while tracing).
+        segments: `"auto"`, None (all chunks at once) or an int: the
+            chunks are attended in that many runs, one after another, each
+            recomputed in the backward pass, so only one run's scores and
+            key windows are alive at once (less memory for very long
+            sequences; the same outputs and gradients, dropout aside, which
+            is drawn per run). Where it does not divide the number of
+            chunks, the largest number of runs below it that does is used
+            (1 when the length is unknown while tracing). `"auto"` chooses
+            from the padded input length when the layer is traced
+            (`memory_plan.plan`): all at once while the scores,
+            `num_heads * length * (num_chunks_before + 1 + num_chunks_after)
+            * chunk_length`, are at most `2**24` (up to 16,384 tokens with 8
+            heads, chunks of 64 and one chunk of look-back), else the fewest
+            runs dividing the chunks that keep each run's within `2**24`
+            (`2**21` on JAX); all at once when the length is unknown while
+            tracing.
 
     Example:
     >>> layer = LocalSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
@@ -55,7 +66,7 @@ class LocalSelfAttention(KeyValueAttention):
 
     def __init__(self, num_heads, head_dim, chunk_length=64,
                  num_chunks_before=1, num_chunks_after=0, causal=False,
-                 dropout=0.0, seed=None, segments=None,
+                 dropout=0.0, seed=None, segments=AUTO,
                  kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=False, causal=causal,
                          dropout=dropout,
@@ -63,8 +74,7 @@ class LocalSelfAttention(KeyValueAttention):
                          **kwargs)
         check_positive_int("chunk_length", chunk_length)
         check_chunk_window(causal, num_chunks_before, num_chunks_after)
-        if segments is not None:
-            check_positive_int("segments", segments)
+        check_plan_option("segments", segments)
         self.chunk_length = chunk_length
         self.num_chunks_before = num_chunks_before
         self.num_chunks_after = num_chunks_after
@@ -91,14 +101,24 @@ class LocalSelfAttention(KeyValueAttention):
         if self.dropout == 0.0:
             seed = None
         kernels = self.kernels(inputs.dtype)
-        if self.segments is None:
+        runs = self.memory_plan(padded_length)
+        if runs is None:
             outputs = self.merge_heads(self._attend_whole(
                 self.project_all(inputs, kernels), positions, key_valid,
                 seed), valid, kernels[-1])
         else:
             outputs = zero_padding(self._attend_segments(
-                inputs, kernels, positions, key_valid, seed), valid)
+                inputs, kernels, positions, key_valid, seed, runs), valid)
         return outputs[:, :length], inputs
+
+    def memory_plan(self, length):
+        """The runs of chunks (None: all at once) attended for inputs padded
+        to `length` (an int, or a tensor when unknown while tracing),
+        `segments="auto"` resolved (`memory_plan.plan`)."""
+        width = self.num_chunks_before + 1 + self.num_chunks_after
+        return plan(None, self.segments, self.num_heads,
+                    length * width * self.chunk_length,
+                    length // self.chunk_length)[1]
 
     def _attend_whole(self, projections, positions, key_valid, seed):
         """Every chunk at once: `(batch, heads, length, head_dim)`."""
@@ -127,9 +147,10 @@ class LocalSelfAttention(KeyValueAttention):
             window=(self.chunk_length, offsets))
         return outputs
 
-    def _attend_segments(self, inputs, kernels, positions, key_valid, seed):
+    def _attend_segments(self, inputs, kernels, positions, key_valid, seed,
+                         runs):
         """`_attend_whole` and the output projection by `kernels` (the
-        layer's `kernels`) in `segments` runs of chunks
+        layer's `kernels`) in `runs` runs of chunks
         (`attention_in_runs`): `(batch, length, hidden)`.
 
         Each run projects its own queries, keys and values from a slice of
@@ -149,7 +170,7 @@ class LocalSelfAttention(KeyValueAttention):
         padded_valid = pad(ops.cast(key_valid, "int32"), 2) > 0
         (outputs,) = attention_in_runs(
             self._attend_run, [pad(inputs, 1), *kernels],
-            [positions, padded_valid], self.segments, self.chunk_length,
+            [positions, padded_valid], runs, self.chunk_length,
             seed, slicing=[(1, before + after)] + [None] * len(kernels),
             result_axes=(1,))
         return outputs

@@ -12,6 +12,9 @@ from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
 from keras_reformer.layers.chunked_attention import take_rows
 from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.memory_plan import AUTO
+from keras_reformer.layers.memory_plan import check_plan_option
+from keras_reformer.layers.memory_plan import plan
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
@@ -61,19 +64,32 @@ class LSHSelfAttention(SelfAttentionBase):
         num_chunks_after: int, following chunks each chunk attends to.
         dropout: float, dropout on attention weights while training.
         seed: int or None, seeds rotations and dropout.
-        parallel_heads: None (all heads at once) or an int dividing
-            `num_heads`: project, hash and attend this many heads at a time
-            (only every head's integer sort order is kept), and recompute
-            each group's projections and attention in the backward pass
-            instead of storing them (much less memory for very long
-            sequences, somewhat more time).
-        segments: None (the whole sorted sequence at once) or an int:
-            attend that many equal runs of chunks one after another, and
-            recompute each run's attention in the backward pass; the scores
-            and key windows alive at once shrink by this factor. Where it
-            does not divide the number of chunks (`num_hashes * padded
-            length / chunk_length`), the largest number of runs below it
-            that does is used (1 when the length is unknown while tracing).
+        parallel_heads: `"auto"`, None (all heads at once) or an int
+            dividing `num_heads`: project, hash and attend this many heads
+            at a time (only every head's integer sort order is kept), and
+            recompute each group's projections and attention in the
+            backward pass instead of storing them (much less memory for
+            long sequences). `"auto"` chooses from the padded input length
+            when the layer is traced (`memory_plan.plan`): all heads while
+            their chunk scores, `num_heads * num_hashes * length *
+            (num_chunks_before + 1 + num_chunks_after) * chunk_length`,
+            are at most `2**24` (up to 4,096 tokens with 8 heads, 4 rounds,
+            chunks of 64 and one chunk of look-back), else one head at a
+            time; all heads when the length is unknown while tracing.
+        segments: `"auto"`, None (the whole sorted sequence at once) or an
+            int: attend that many equal runs of chunks one after another,
+            and recompute each run's attention in the backward pass; the
+            scores and key windows alive at once shrink by this factor.
+            Where it does not divide the number of chunks (`num_hashes *
+            padded length / chunk_length`), the largest number of runs below
+            it that does is used (1 when the length is unknown while
+            tracing). `"auto"`: one run while all heads' scores fit `2**24`;
+            else the fewest runs dividing the chunks that keep each run's
+            scores (of the heads attended at a time) within `2**24` on
+            TensorFlow and `2**21` on JAX, where smaller runs measured
+            faster (one head at a time in the configuration above: at
+            16,384 tokens one run, 4 on JAX; 65,536: 2, 16 on JAX;
+            1,048,576: 32, 256 on JAX).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,
@@ -86,7 +102,7 @@ class LSHSelfAttention(SelfAttentionBase):
                  num_hashes=4,
                  num_buckets=None, causal=False, num_chunks_before=1,
                  num_chunks_after=0, dropout=0.0, seed=None,
-                 parallel_heads=None, segments=None,
+                 parallel_heads=AUTO, segments=AUTO,
                  kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(num_heads, head_dim, shared_qk=True, causal=causal,
                          dropout=dropout,
@@ -96,15 +112,8 @@ class LSHSelfAttention(SelfAttentionBase):
         check_positive_int("num_hashes", num_hashes)
         check_chunk_window(causal, num_chunks_before, num_chunks_after)
         num_buckets = _check_num_buckets(num_buckets)
-        if parallel_heads is not None:
-            check_positive_int("parallel_heads", parallel_heads)
-            if num_heads % parallel_heads:
-                raise ValueError(
-                    "parallel_heads must divide num_heads; received "
-                    f"parallel_heads={parallel_heads} with "
-                    f"num_heads={num_heads}.")
-        if segments is not None:
-            check_positive_int("segments", segments)
+        check_plan_option("parallel_heads", parallel_heads, num_heads)
+        check_plan_option("segments", segments)
         self.parallel_heads = parallel_heads
         self.segments = segments
         self.chunk_length = chunk_length
@@ -181,27 +190,38 @@ class LSHSelfAttention(SelfAttentionBase):
         unless `with_cache`)."""
         length = ops.shape(inputs)[1]
         inputs, valid = pad_to_multiple(inputs, valid, self.chunk_length)
+        group, runs = self.memory_plan(ops.shape(inputs)[1])
         kernels = self.kernels(inputs.dtype)
         query_key_kernel, value_kernel, output_kernel = kernels
         cache = None
-        if self._group_size() is None or with_cache:
+        if group is None or with_cache:
             query_key = self.project(inputs, query_key_kernel)
             values = self.project(inputs, value_kernel)
             buckets, order, indices = self._sort_by_buckets(
-                self._hash(lambda g, group: _heads(query_key, g * group,
-                                                   group), rotations),
-                valid)
+                self._hash(lambda g, size: _heads(query_key, g * size, size),
+                           rotations, group), valid)
             if with_cache:
                 cache = {"keys": shared_qk_keys(query_key), "values": values,
                          "buckets": buckets, "order": order}
-        if self._group_size() is None:
+        if group is None:
             outputs = self.merge_heads(self._attend_sorted(
-                query_key, values, indices, dropout_seed), valid,
+                query_key, values, indices, dropout_seed, runs), valid,
                 output_kernel)
         else:
             outputs = zero_padding(self._attend_head_groups(
-                inputs, valid, rotations, dropout_seed, kernels), valid)
+                inputs, valid, rotations, dropout_seed, kernels, group, runs),
+                valid)
         return outputs[:, :length], cache
+
+    def memory_plan(self, length):
+        """`(group, runs)`: the heads (None: all) and runs of sorted chunks
+        (None: all) attended at a time for inputs padded to `length` (an
+        int, or a tensor when unknown while tracing), `parallel_heads` and
+        `segments` with `"auto"` resolved (`memory_plan.plan`)."""
+        width = self.num_chunks_before + 1 + self.num_chunks_after
+        return plan(self.parallel_heads, self.segments, self.num_heads,
+                    self.num_hashes * length * width * self.chunk_length,
+                    self.num_hashes * length // self.chunk_length)
 
     def decode_step(self, inputs, cache, index):
         """See `call_with_cache`.
@@ -284,25 +304,19 @@ class LSHSelfAttention(SelfAttentionBase):
         ring = self.num_hashes * (index // self.chunk_length + 1)
         return ops.arange(self.num_chunks_before + 1, dtype="int32") < ring
 
-    def _group_size(self):
-        """Heads hashed and attended at a time, None for all at once."""
-        if self.parallel_heads is None or (
-                self.parallel_heads >= self.num_heads):
-            return None
-        return self.parallel_heads
-
-    def _hash(self, group_query_key, rotations):
-        """Bucket ids `(batch, heads, num_hashes, length)`, a group of
-        `parallel_heads` heads at a time (all at once when it is None).
+    def _hash(self, group_query_key, rotations, group):
+        """Bucket ids `(batch, heads, num_hashes, length)`, `group` heads at
+        a time (all at once when it is None).
 
         Args:
             group_query_key: `group_query_key(g, group)`, the query-keys
                 `(batch, group, length, head_dim)` of heads `g * group` to
                 `(g + 1) * group`.
             rotations: the rotations of every head.
+            group: None or an int dividing `num_heads`.
         """
         num_buckets = self.resolved_num_buckets
-        group = self._group_size() or self.num_heads
+        group = group or self.num_heads
         rotations = ops.convert_to_tensor(rotations)  # not a Keras variable
 
         def hash_group(g):
@@ -376,13 +390,16 @@ class LSHSelfAttention(SelfAttentionBase):
                    key_valid)
         return buckets, sorted_positions, indices
 
-    def _attend_sorted(self, query_key, values, indices, dropout_seed):
+    def _attend_sorted(self, query_key, values, indices, dropout_seed,
+                       runs):
         """Chunked attention of every round in sorted order, combined.
 
         Args:
             query_key, values: `(batch, heads, length, head_dim)`.
             indices: from `_sort_by_buckets` (for the same heads).
             dropout_seed: None (no dropout) or a seed tensor.
+            runs: None (all chunks at once) or the runs of chunks
+                (`_attend_segments`).
 
         Returns:
             `(batch, heads, length, head_dim)`.
@@ -397,7 +414,7 @@ class LSHSelfAttention(SelfAttentionBase):
             return gather_rows(x, key_positions, key_copies,
                                copies=width * num_hashes)
 
-        if self.segments is None:
+        if runs is None:
             outputs, logsumexp = chunked_attention(
                 gather_rows(query_key, flat_positions, undo,
                             copies=num_hashes),
@@ -415,7 +432,7 @@ class LSHSelfAttention(SelfAttentionBase):
         else:
             outputs, logsumexp = self._attend_segments(
                 query_key, values, (flat_positions, key_positions, key_valid),
-                dropout_seed)
+                dropout_seed, runs)
         # Back to the original order, then combine the rounds.
         outputs = ops.reshape(gather_rows(outputs, undo, redo),
                               (batch, heads, num_hashes, length, head_dim))
@@ -423,16 +440,17 @@ class LSHSelfAttention(SelfAttentionBase):
                                 (batch, heads, num_hashes, length))
         return _combine_rounds(outputs, logsumexp)
 
-    def _attend_segments(self, query_key, values, layout, dropout_seed):
-        """The sorted sequence's chunked attention in `segments` runs of
-        chunks (`attention_in_runs`), each run's queries and key windows
+    def _attend_segments(self, query_key, values, layout, dropout_seed,
+                         runs):
+        """The sorted sequence's chunked attention in `runs` runs of chunks
+        (`attention_in_runs`), each run's queries and key windows
         gathered from the unsorted `query_key` and `values`
         `(batch, heads, length, head_dim)`; `layout` is `(query_positions,
         key_positions, key_valid)` of the sorted slots and windows. Returns
         `(outputs, logsumexp)` in sorted order."""
         return attention_in_runs(
             self._attend_run, [query_key, values], list(layout),
-            self.segments, self.chunk_length, dropout_seed)
+            runs, self.chunk_length, dropout_seed)
 
     def _attend_run(self, s, run, inputs, layout, seed):
         """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`;
@@ -457,8 +475,8 @@ class LSHSelfAttention(SelfAttentionBase):
         )
 
     def _attend_head_groups(self, inputs, valid, rotations, dropout_seed,
-                            kernels):
-        """`_group_output` summed over the groups of `parallel_heads` heads.
+                            kernels, group, runs):
+        """`_group_output` summed over the groups of `group` heads.
 
         The heads are hashed and sorted a group at a time, each group's
         query-keys projected for it and dropped (only the integer sort
@@ -474,39 +492,40 @@ class LSHSelfAttention(SelfAttentionBase):
             rotations: the hash rotations of every head.
             dropout_seed: None (no dropout) or a seed tensor.
             kernels: the query-key, value and output kernels (`kernels`).
+            group: int, heads at a time (dividing `num_heads`).
+            runs: None or the runs of chunks of each group's attention.
 
         Returns:
             `(batch, length, hidden)`, before padded positions are zeroed.
         """
-        group = self._group_size()
         _, _, indices = self._sort_by_buckets(self._hash(
-            lambda g, group: self.project(
-                inputs, _heads(kernels[0], g * group, group)),
-            rotations), valid)
+            lambda g, size: self.project(
+                inputs, _heads(kernels[0], g * size, size)),
+            rotations, group), valid)
         (outputs,) = recomputed_loop(
             lambda g, views, indices, seed: (self._group_output(
-                g, views[0], indices, seed, views[1:]),),
+                g, views[0], indices, seed, views[1:], group, runs),),
             [inputs, *kernels], self.num_heads // group, group,
             slicing=[None] + [(axis, 0) for axis in _HEAD_AXES],
             layout=tuple(indices), seed=dropout_seed)
         return outputs
 
-    def _group_output(self, g, inputs, indices, dropout_seed, group_kernels):
+    def _group_output(self, g, inputs, indices, dropout_seed, group_kernels,
+                      group, runs):
         """Head group `g`'s share of the layer's output `(batch, length,
         hidden)`: its projections of `inputs` by `group_kernels` (its
-        heads' slices of the query-key, value and output kernels),
-        attention in the order of its heads' slices of
-        `indices` (of every head, from `_sort_by_buckets`) and output
-        projection; dropout (if `dropout_seed` is not None) seeded per
-        group."""
-        group = self._group_size()
+        `group` heads' slices of the query-key, value and output kernels),
+        attention (in `runs`, see `_attend_sorted`) in the order of its
+        heads' slices of `indices` (of every head, from
+        `_sort_by_buckets`) and output projection; dropout (if
+        `dropout_seed` is not None) seeded per group."""
         query_key_kernel, value_kernel, output_kernel = group_kernels
         outputs = self._attend_sorted(
             self.project(inputs, query_key_kernel),
             self.project(inputs, value_kernel),
             [_heads(index, g * group, group) for index in indices],
             None if dropout_seed is None else offset_seed(dropout_seed,
-                                                          [0, g]))
+                                                          [0, g]), runs)
         return ops.einsum("bnld,ndh->blh", outputs,
                           ops.cast(output_kernel, outputs.dtype))
 
