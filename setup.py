@@ -37,6 +37,8 @@ setup(
         + CONVERT,
         "test": [
             "pytest>=8,<10",
+            # The suite runs on two processes (README's test command).
+            "pytest-xdist>=3.6,<4",
             "hypothesis>=6,<7",
             # tests/test_tokenizers.py trains a SentencePiece model.
             "sentencepiece>=0.2,<0.3",
