@@ -17,7 +17,7 @@ def fixed_random_seed():
 
 
 # The slowest files, slowest first: run first, so that under
-# `pytest -n 2 --dist loadfile --no-loadscopereorder` (the README's command)
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the README's command)
 # the long ones overlap instead of one finishing alone at the end. The JAX
 # rerun is one test in its own process (about a fifth of the suite).
 SLOWEST_FILES = [
