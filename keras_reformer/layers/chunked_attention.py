@@ -227,12 +227,6 @@ def chunked_attention(queries, keys, values, query_positions, key_positions,
     return outputs, logsumexp
 
 
-def take_rows(x, positions):
-    """`x` `(batch, heads, length, head_dim)` at `positions` `(batch, heads,
-    n)` along the length axis (plain autodiff: the gradient scatters)."""
-    return ops.take_along_axis(x, positions[..., None], axis=2)
-
-
 def run_of(x, s, size):
     """Entries `s * size` to `(s + 1) * size` of `x` `(batch, heads, n)`."""
     return ops.slice(x, [0, 0, s * size], tuple(ops.shape(x)[:2]) + (size,))

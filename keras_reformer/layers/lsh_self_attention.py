@@ -10,12 +10,12 @@ from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
-from keras_reformer.layers.chunked_attention import take_rows
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.memory_plan import AUTO
 from keras_reformer.layers.memory_plan import check_plan_option
 from keras_reformer.layers.memory_plan import plan
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
 from keras_reformer.layers.masks import pad_to_multiple
@@ -251,9 +251,9 @@ class LSHSelfAttention(SelfAttentionBase):
         key_slots = self._window_slots(rank[..., 0], index, capacity)
         batch, heads = ops.shape(keys)[0], ops.shape(keys)[1]
         shape = (batch, heads, self.num_hashes, -1)
-        key_positions = ops.reshape(ops.take_along_axis(
+        key_positions = ops.reshape(take_rows(
             ops.reshape(order, (batch, heads, -1)),
-            ops.reshape(key_slots, (batch, heads, -1)), axis=2), shape)
+            ops.reshape(key_slots, (batch, heads, -1))), shape)
         # Slots after the new token's hold no token yet, and a chunk seen
         # twice (a look-back round a ring of few chunks) counts once.
         key_valid = ops.reshape(ops.logical_and(
@@ -261,9 +261,8 @@ class LSHSelfAttention(SelfAttentionBase):
             self._first_copies(index)[:, None]), shape)
 
         def gather(x):
-            flat = ops.reshape(key_positions, (batch, heads, -1))[..., None]
-            return ops.reshape(ops.take_along_axis(x, flat, axis=2),
-                               shape + (self.head_dim,))
+            return ops.reshape(take_rows(x, ops.reshape(
+                key_positions, (batch, heads, -1))), shape + (self.head_dim,))
 
         def mask_fn(scores):
             return masked_scores(
@@ -363,9 +362,9 @@ class LSHSelfAttention(SelfAttentionBase):
         layout = _RealChunksFirst(
             ops.sum(ops.cast(valid[:, 0], "int32"), axis=-1), num_hashes,
             length, self.chunk_length)
-        flat_positions = ops.take_along_axis(
+        flat_positions = take_rows(
             ops.reshape(sorted_positions, (batch, heads, num_hashes * length)),
-            layout.sources()[:, None, :], axis=2)
+            layout.sources()[:, None, :])
         # Where each (round, position) lands in the new sequence, and which
         # (round, position) each place of it holds: the two permutations
         # and their inverses, for gathers in both directions.
@@ -378,13 +377,12 @@ class LSHSelfAttention(SelfAttentionBase):
         # ring), to be gathered straight from the unsorted keys and values.
         window, window_inverse, first_copy = layout.windows(
             self.num_chunks_before, self.num_chunks_after)
-        key_positions = ops.take_along_axis(
-            flat_positions, window[:, None, :], axis=2)
+        key_positions = take_rows(flat_positions, window[:, None, :])
         key_copies = ops.reshape(ops.take_along_axis(
             window_inverse[:, None], undo[:, :, None, :], axis=3),
             (batch, heads, -1))
         key_valid = ops.logical_and(
-            ops.take_along_axis(valid, key_positions, axis=2),
+            take_rows(valid, key_positions),
             first_copy[:, None, :])
         indices = (flat_positions, undo, redo, key_positions, key_copies,
                    key_valid)

@@ -6,8 +6,11 @@ zero buffer; here the gradient gathers instead, with the inverse
 permutation the layer already has: no scatter-add (slow on accelerators)
 and no zero buffers (which XLA allocates early, one per layer, so that a
 reversible stack's memory grew with its depth).
+
+Rows are gathered by the backend's own row gather (`take_rows`).
 """
 
+import keras
 from keras import ops
 
 from keras_reformer.layers.custom_gradient import with_custom_gradient
@@ -37,17 +40,12 @@ def gather_rows(x, index, inverse, copies=1):
     array([[[2., 0., 1.]]], dtype=float32)
     """
 
-    def take(values, positions):
-        if len(values.shape) == 4:
-            positions = positions[..., None]
-        return ops.take_along_axis(values, positions, axis=2)
-
     def forward(x, index, inverse):
-        return (take(x, index),), (inverse, ops.shape(x))
+        return (take_rows(x, index),), (inverse, ops.shape(x))
 
     def backward(residuals, output_grads):
         inverse, shape = residuals
-        gathered = take(output_grads[0], inverse)
+        gathered = take_rows(output_grads[0], inverse)
         if copies > 1:
             gathered = ops.sum(ops.reshape(
                 gathered, (shape[0], shape[1], copies) + tuple(shape[2:])),
@@ -56,3 +54,33 @@ def gather_rows(x, index, inverse, copies=1):
 
     (outputs,) = with_custom_gradient(forward, backward)(x, index, inverse)
     return outputs
+
+
+def take_rows(x, index):
+    """`x` `(batch, heads, rows, ...)` at `index` `(batch, heads, n)` along
+    axis 2 (`index` may have 1 for `batch` or `heads`, broadcast); plain
+    autodiff (the gradient scatters).
+
+    Whole rows move at once: TensorFlow's `tf.gather` with two batch
+    dimensions, and on JAX `take_along_axis` with the index promised in
+    bounds (no masking of out-of-range rows). Keras's `take_along_axis`
+    on TensorFlow gathers element by element, the index broadcast to every
+    element and the rows axis moved last and back.
+
+    Example:
+    >>> x = ops.reshape(ops.arange(6.0), (1, 1, 3, 2))
+    >>> ops.convert_to_numpy(take_rows(x, ops.array([[[2, 0]]])))[0, 0]
+    array([[4., 5.],
+           [0., 1.]], dtype=float32)
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        index = tf.broadcast_to(index, tf.concat(
+            [tf.shape(x)[:2], tf.shape(index)[2:]], 0))
+        return tf.gather(x, index, axis=2, batch_dims=2)
+    import jax.numpy as jnp
+
+    index = ops.reshape(index, tuple(ops.shape(index))
+                        + (1,) * (len(x.shape) - 3))
+    return jnp.take_along_axis(x, index, axis=2, mode="promise_in_bounds")
