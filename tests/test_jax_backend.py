@@ -93,7 +93,7 @@ def test_layer_tests_pass_on_jax_backend():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          *BACKEND_AGNOSTIC_TESTS,
          *[f"--deselect={test}" for test in DESELECTED_ON_JAX]],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     summary = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, summary
     # pytest's last line: "N passed[, M skipped ...] in S s" (a test whose

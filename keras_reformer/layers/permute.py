@@ -79,8 +79,11 @@ def take_rows(x, index):
         index = tf.broadcast_to(index, tf.concat(
             [tf.shape(x)[:2], tf.shape(index)[2:]], 0))
         return tf.gather(x, index, axis=2, batch_dims=2)
-    import jax.numpy as jnp
-
     index = ops.reshape(index, tuple(ops.shape(index))
                         + (1,) * (len(x.shape) - 3))
-    return jnp.take_along_axis(x, index, axis=2, mode="promise_in_bounds")
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.take_along_axis(x, index, axis=2,
+                                   mode="promise_in_bounds")
+    return ops.take_along_axis(x, index, axis=2)
