@@ -190,9 +190,11 @@ def layer_flops(length, heads, head_dim=64, chunk_length=64, num_hashes=4,
     product once, no recomputation), batch 1, `length` a multiple of the
     chunk: the query-key, value and output projections (forward, and the
     input's and kernel's gradients), the hash rotations of the query-keys
-    (forward only, with their own query-key projection: hashing takes no
-    gradient) and each chunk's scores and weighted values against its
-    window (forward, and two products for each in the backward pass)."""
+    (forward only: hashing takes no gradient) and each chunk's scores and
+    weighted values against its window (forward, and two products for each
+    in the backward pass). Looping plans execute more: the backward pass
+    recomputes each loop's forward products, and one head at a time
+    projects the query-keys for hashing apart from those for attention."""
     from keras_reformer.layers import hashing
 
     width = heads * head_dim
