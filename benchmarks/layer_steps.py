@@ -7,7 +7,8 @@ training work). The configuration is issue #8's layer table: heads of 64,
 causal, 4 hash rounds, chunks of 64 with one chunk of look-back, default
 bucket counts. `STEPS[name](length, heads)` returns a function that runs
 one step and waits until it has finished (the `lsh*` ones take more
-`LSHSelfAttention` arguments as keywords); `BACKENDS[name]` is the framework
+`LSHSelfAttention` arguments as keywords; ours have `optimized_hlo()`, the
+text of the compiled XLA program); `BACKENDS[name]` is the framework
 it needs (the benchmarks run each implementation in a process of its own).
 
 * `lsh_tf`, `lsh_jax`: our `LSHSelfAttention` under XLA
@@ -67,7 +68,10 @@ def tf_step(layer, length, heads):
                                          tf.float32) ** 2)
         return tape.gradient(loss, [x] + layer.trainable_variables)
 
-    return lambda: [g.numpy() for g in step(x)]
+    run = lambda: [g.numpy() for g in step(x)]  # noqa: E731
+    run.optimized_hlo = lambda: step.experimental_get_compiler_ir(x)(
+        stage="optimized_hlo")
+    return run
 
 
 def jax_step(layer, length, heads):
@@ -91,6 +95,7 @@ def jax_step(layer, length, heads):
         weights, x).compile()
     step = lambda: jax.block_until_ready(compiled(weights, x))  # noqa: E731
     step.compiled = compiled
+    step.optimized_hlo = compiled.as_text
     return step
 
 
