@@ -48,10 +48,10 @@ def test_profile_records_each_trip_of_the_loops(looped):
     step, (computations, entry) = looped
     step()
     counts, _ = lsh_profile.run_counts(computations, entry)
-    looped = lsh_profile.loop_computations(computations)
+    loop_bodies = lsh_profile.loop_computations(computations)
     _, events = lsh_profile.trace_operations(step, keras.backend.backend())
     recorded = {}
-    for computation in looped:
+    for computation in loop_bodies:
         for name, opcode, _, _ in computations.get(computation, ()):
             if name in events and counts[computation] > 1:
                 recorded[name] = (events[name][1], counts[computation])
