@@ -7,7 +7,10 @@ Face's and reformer-pytorch's LSH layers, and exact attention with torch's
 SDPA. Each (implementation, length) runs in its own process: the median of
 `--repeats` calls after one untimed call, and the peak memory as the growth
 of the process's peak resident set from before the layer was built
-(compilation and the first call included; the frameworks' imports not).
+(compilation and the first call included; the frameworks' imports not),
+and the steady peak: the highest resident set during the timed calls above
+the one before the layer was built (`isolated.ResidentMemory`: weights,
+compiled program and buffers, without the compiler's working memory).
 The process's CPU time per call (all threads) is reported beside the wall
 time: on a machine shared with other work it is the steadier measure.
 Prints one JSON line per measurement, per length one line of every time
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 
+from isolated import ResidentMemory
 from isolated import timed_calls
 from isolated import run_single
 from plots import write_plot
@@ -37,18 +41,16 @@ PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
 
 
 def measure(name, length, heads, repeats, lsh_options):
-    import resource
-
     import layer_steps
 
     layer_steps.preload(name)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = ResidentMemory()
     options = json.loads(lsh_options) if name.startswith("lsh") else {}
     step = layer_steps.STEPS[name](length, heads, **options)
-    seconds, cpu_seconds = timed_calls(step, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    seconds, cpu_seconds = timed_calls(step, repeats, memory.restart_peak)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds,
-            "peak_mib": peak / 1024}
+            "peak_mib": memory.peak_mib(),
+            "steady_mib": memory.steady_mib()}
 
 
 def main():
@@ -96,7 +98,8 @@ def main():
                 results[label] = result
                 line.update(ms=round(1e3 * result["seconds"], 1),
                             cpu_ms=round(1e3 * result["cpu_seconds"], 1),
-                            peak_mib=round(result["peak_mib"], 1))
+                            peak_mib=round(result["peak_mib"], 1),
+                            steady_mib=_rounded(result["steady_mib"]))
             lines.append(line)
             print(json.dumps(line), flush=True)
         first = variants[0][0]
@@ -112,12 +115,22 @@ def main():
                              for name, r in results.items()},
                 "memory": {name: round(r["peak_mib"]
                                        / max(base["peak_mib"], 1.0), 2)
-                           for name, r in results.items()}}), flush=True)
+                           for name, r in results.items()},
+                "steady_memory": {
+                    name: round(r["steady_mib"]
+                                / max(base["steady_mib"], 1.0), 2)
+                    for name, r in results.items()
+                    if r["steady_mib"] and base["steady_mib"]}}),
+                flush=True)
     if args.plot:
-        write_plot(args.plot, lines, "length", ["ms", "cpu_ms", "peak_mib"],
+        write_plot(args.plot, lines, "length", ["ms", "cpu_ms", "peak_mib", "steady_mib"],
                    "implementation",
                    f"one attention layer, forward+backward, CPU, "
                    f"{args.heads} heads of 64")
+
+
+def _rounded(mib):
+    return None if mib is None else round(mib, 1)
 
 
 def _variants(names, lsh_options):

@@ -11,10 +11,12 @@ import time
 import numpy as np
 
 
-def timed_calls(function, repeats):
+def timed_calls(function, repeats, after_warm_up=None):
     """Calls `function` once untimed (compiling, warming up), then `repeats`
     times; with `repeats=0`, the one call is timed (warm-up included: for
     peers without compilation at lengths too slow to repeat).
+    `after_warm_up`, if given, is called between the untimed call and the
+    timed ones (e.g. `ResidentMemory.restart_peak`).
 
     Returns:
         `(median wall seconds, mean CPU seconds)` per timed call; the CPU
@@ -27,6 +29,8 @@ def timed_calls(function, repeats):
         return (time.perf_counter() - start,
                 time.process_time() - cpu_start)
     function()
+    if after_warm_up is not None:
+        after_warm_up()
     times = []
     cpu_start = time.process_time()
     for _ in range(repeats):
@@ -35,6 +39,82 @@ def timed_calls(function, repeats):
         times.append(time.perf_counter() - start)
     cpu = (time.process_time() - cpu_start) / repeats
     return float(np.median(times)), cpu
+
+
+def _status_mib(field):
+    """A field of /proc/self/status in MiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_resident_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _return_free_memory():
+    """Hands the C heap's free pages back to the system (glibc's
+    `malloc_trim`), so the resident set stops counting memory that was
+    freed (e.g. by the compiler) but kept by the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ResidentMemory:
+    """This process's resident memory from the moment of creation.
+
+    `peak_mib()` is the growth of the peak resident set since then,
+    everything included (compilation too). After `restart_peak()` (called
+    once the first call has compiled), `steady_mib()` is the highest
+    resident set since, above the resident set at creation: what the
+    compiled steps hold while they run (weights, the program, its buffers)
+    without the compiler's transient working memory: the restart hands the
+    allocator's free pages back to the system and resets Linux's
+    high-water mark (`/proc/self/clear_refs`); elsewhere, or before a
+    restart, `steady_mib()` is None.
+
+    Example:
+    >>> memory = ResidentMemory()
+    >>> seconds, cpu = timed_calls(step, 3, memory.restart_peak)
+    >>> memory.peak_mib(), memory.steady_mib()
+    """
+
+    def __init__(self):
+        self._start_peak = _peak_resident_mib()
+        self._start_resident = _status_mib("VmRSS")
+        self._peak_before_restart = 0.0
+        self._restarted = False
+
+    def restart_peak(self):
+        self._peak_before_restart = self.peak_mib()
+        _return_free_memory()
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self._restarted = self._start_resident is not None
+        except OSError:
+            self._restarted = False
+
+    def peak_mib(self):
+        return max(self._peak_before_restart,
+                   _peak_resident_mib() - self._start_peak)
+
+    def steady_mib(self):
+        if not self._restarted:
+            return None
+        return _status_mib("VmHWM") - self._start_resident
 
 
 def median_seconds(function, repeats):

@@ -18,6 +18,7 @@ LABELS = {
     "step_s": "step time (s)",
     "cpu_s": "CPU time, all threads (s)",
     "peak_mib": "peak memory (MiB)",
+    "steady_mib": "peak memory while stepping (MiB)",
     "temporary_gib": "planned temporary memory (GiB)",
     "temp_mib": "planned temporary memory (MiB)",
     "length": "sequence length (tokens)",
