@@ -6,7 +6,9 @@ implementation, each in its own process: median step time after a
 compiling step, and the peak memory (weights and optimizer state included,
 as the peers' figures are): the device's peak allocation on a GPU, on a CPU
 the growth of the process's peak resident set from before the model was
-built. Every configuration is a `transformers.ReformerConfig` (dropout 0);
+built (compilation included), and the steady peak: the highest resident
+set during the timed steps above the one before the model was built
+(`isolated.ResidentMemory`: without the compiler's working memory). Every configuration is a `transformers.ReformerConfig` (dropout 0);
 our model is built from it through `convert.convert_backbone_config`, so both
 implementations train the same architecture. Implementations:
 
@@ -48,6 +50,7 @@ import argparse
 import json
 import os
 
+from isolated import ResidentMemory
 from isolated import lm_gradient_memory
 from isolated import timed_calls
 from isolated import run_single
@@ -187,8 +190,6 @@ def huggingface_step(config, length):
 
 def measure(implementation, name, length, repeats, layers, memory_options,
             plan=False):
-    import resource
-
     import keras  # noqa: F401 (imports left out of the memory growth)
 
     import layer_steps
@@ -202,22 +203,20 @@ def measure(implementation, name, length, repeats, layers, memory_options,
     if implementation == "huggingface":
         import torch  # noqa: F401
         import transformers.models.reformer.modeling_reformer  # noqa: F401
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = ResidentMemory()
     if implementation == "huggingface":
         step, parameters = huggingface_step(config, length)
         backend = "torch"
     else:
         step, parameters = ours_step(config, length, memory_options)
         backend = BACKENDS[implementation]
-    seconds, cpu_seconds = timed_calls(step, repeats)
+    seconds, cpu_seconds = timed_calls(step, repeats, memory.restart_peak)
     loss = step()
     peak = layer_steps.device_peak_mib(backend)
-    if peak is None:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                - before) / 1024
     return {"seconds": seconds, "cpu_seconds": cpu_seconds,
-            "peak_mib": peak, "loss": loss,
-            "parameters": parameters}
+            "peak_mib": memory.peak_mib() if peak is None else peak,
+            "steady_mib": None if peak is not None else memory.steady_mib(),
+            "loss": loss, "parameters": parameters}
 
 
 def planned_mib(lm, length):
@@ -299,6 +298,8 @@ def main():
                 line.update(step_s=round(result["seconds"], 3),
                             cpu_s=round(result["cpu_seconds"], 3),
                             peak_mib=round(result["peak_mib"], 1),
+                            steady_mib=result["steady_mib"] and round(
+                                result["steady_mib"], 1),
                             loss=round(result["loss"], 3),
                             parameters=result["parameters"])
             lines.append(line)
@@ -317,7 +318,7 @@ def main():
                 flush=True)
     if args.plot and not args.plan:
         write_plot(args.plot, lines, "length",
-                   ["step_s", "cpu_s", "peak_mib"],
+                   ["step_s", "cpu_s", "peak_mib", "steady_mib"],
                    ["configuration", "implementation"],
                    "whole training step (Adam, batch 1)")
 
