@@ -356,6 +356,9 @@ def main():
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from "
                      f"{list(IMPLEMENTATIONS)}")
+    if args.profile and args.plan:
+        parser.error("--profile runs the step and --plan does not: give one "
+                     "of them")
     if args.profile and "huggingface" in implementations:
         parser.error("--profile profiles ours only; received "
                      f"--implementations {args.implementations}")
