@@ -168,31 +168,51 @@ def _run_here(script, spec, arguments):
     return json.loads(output.getvalue().strip().splitlines()[-1])
 
 
+def lm_loss(lm, token_ids, labels):
+    """The mean next-token cross-entropy of `lm`'s logits for `token_ids`
+    (all real) against `labels`, the model called with `training=True` as
+    `fit` calls it: the loss `train_on_batch` differentiates."""
+    import keras
+
+    logits = lm({"token_ids": token_ids,
+                 "padding_mask": keras.ops.ones_like(token_ids)},
+                training=True)
+    return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True))
+
+
+def jax_lm_gradient(lm):
+    """`gradient(values, token_ids, labels)`: the gradient of `lm_loss`
+    with respect to `values`, those of `lm.trainable_variables` (JAX
+    backend; stateless, for `jax.jit`)."""
+    import jax
+    import keras
+
+    variables = lm.trainable_variables
+
+    def loss(values, token_ids, labels):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return lm_loss(lm, token_ids, labels)
+
+    return jax.grad(loss)
+
+
 def lm_gradient_memory(lm, length):
     """XLA's memory analysis of `lm`'s training gradient, compiled and not
-    run (JAX backend): next-token cross-entropy of one sequence of `length`
-    token ids, the model called with `training=True` as `fit` calls it.
+    run (JAX backend): `jax_lm_gradient` for one sequence of `length` token
+    ids, the ids standing for the labels too (the same computation).
 
     Returns:
         The compiled computation's `memory_analysis()` (temporary, argument
         and output bytes).
     """
     import jax
-    import keras
 
-    variables = lm.trainable_variables
-
-    def loss(values, token_ids):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            logits = lm({"token_ids": token_ids,
-                         "padding_mask": keras.ops.ones_like(token_ids)},
-                        training=True)
-        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-            token_ids, logits, from_logits=True))
-
-    values = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+    gradient = jax_lm_gradient(lm)
+    values = [jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for v in lm.trainable_variables]
     token_ids = jax.ShapeDtypeStruct((1, length), "int32")
-    return jax.jit(jax.grad(loss)).lower(
+    return jax.jit(lambda values, ids: gradient(values, ids, ids)).lower(
         values, token_ids).compile().memory_analysis()
 
 

@@ -44,6 +44,20 @@ recomputed in the backward pass (less again); `--local-segments N` does the
 same for local attention's chunks (ours only). `--plan` compiles our step
 (JAX) without running it and reports XLA's planned memory (gradient buffers
 plus Adam's moments), so long lengths can be sized on a CPU.
+
+`--profile` measures, for ours (each backend in its own process), how far
+the step is from its matrix-product floor: the gradient of the training
+loss (`isolated.lm_loss`, what `train_on_batch` differentiates, without
+the optimizer's update) compiled under XLA and timed, the matrix-product
+FLOPs it executes (`xla_profile.dot_flops`: the reversible backward pass's
+recomputation included) and the CPU's float32 matrix-product throughput
+measured in the same process. The floor is the executed FLOPs at that
+throughput; each line also gives the profiled time by kind of operation,
+the products' own throughput and their 8 costliest source operations
+(`xla_profile.profile_by_kind`):
+
+    python benchmarks/lm_step.py --runs crime_and_punishment:16384 \\
+        --implementations ours_tf,ours_jax --profile
 """
 
 import argparse
@@ -51,10 +65,13 @@ import json
 import os
 
 from isolated import ResidentMemory
+from isolated import jax_lm_gradient
 from isolated import lm_gradient_memory
+from isolated import lm_loss
 from isolated import timed_calls
 from isolated import run_single
 from plots import write_plot
+from xla_profile import profile_step
 
 BIG = dict(hidden_size=1024, feed_forward_size=4096, num_attention_heads=8,
            attention_head_size=128, num_hashes=4)
@@ -73,6 +90,9 @@ CONFIGURATIONS = {
 
 IMPLEMENTATIONS = ("ours_jax", "ours_tf", "huggingface")
 BACKENDS = {"ours_jax": "jax", "ours_tf": "tensorflow", "huggingface": "jax"}
+# The model's nesting in the source operations XLA records, left out of
+# `--profile`'s groups of products.
+CONTAINERS = ("reformer_causal_lm", "reformer_backbone", "reversible_stack")
 PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
                     "lm_step.png")
 
@@ -163,6 +183,45 @@ def ours_step(config, length, memory_options):
     return step, lm.count_params()
 
 
+def gradient_step(config, length, memory_options):
+    """The gradient of our model's training loss (`isolated.lm_loss`; the
+    optimizer's update left out) under XLA on this process's backend:
+    `tf.function(jit_compile=True)` around a `GradientTape`, or `jax.jit`
+    of `isolated.jax_lm_gradient`. Returns the step, a function running it
+    once, whose `optimized_hlo()` is XLA's optimised program's text."""
+    import keras
+
+    lm = build_ours(config, memory_options)
+    ids = token_ids(config, length)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        values = [v.value for v in lm.trainable_variables]
+        compiled = jax.jit(jax_lm_gradient(lm)).lower(
+            values, inputs, labels).compile()
+        step = lambda: jax.block_until_ready(  # noqa: E731
+            compiled(values, inputs, labels))
+        step.optimized_hlo = compiled.as_text
+        return step
+    import tensorflow as tf
+
+    inputs, labels = tf.constant(inputs), tf.constant(labels)
+
+    @tf.function(jit_compile=True)
+    def gradient(inputs, labels):
+        with tf.GradientTape() as tape:
+            loss = lm_loss(lm, inputs, labels)
+        # The token embedding's gradient is an IndexedSlices.
+        return [tf.convert_to_tensor(g) for g in tape.gradient(
+            loss, lm.trainable_variables)]
+
+    step = lambda: [g.numpy() for g in gradient(inputs, labels)]  # noqa: E731
+    step.optimized_hlo = lambda: gradient.experimental_get_compiler_ir(
+        inputs, labels)(stage="optimized_hlo")
+    return step
+
+
 def huggingface_step(config, length):
     """One Adam step of transformers' model in training mode."""
     import torch
@@ -189,7 +248,7 @@ def huggingface_step(config, length):
 
 
 def measure(implementation, name, length, repeats, layers, memory_options,
-            plan=False):
+            plan=False, profile=False):
     import keras  # noqa: F401 (imports left out of the memory growth)
 
     import layer_steps
@@ -200,6 +259,10 @@ def measure(implementation, name, length, repeats, layers, memory_options,
         lm = build_ours(config, memory_options)
         return {"planned_mib": planned_mib(lm, length),
                 "parameters": lm.count_params()}
+    if profile:
+        return profile_step(
+            lambda: gradient_step(config, length, memory_options),
+            BACKENDS[implementation], repeats, containers=CONTAINERS)
     if implementation == "huggingface":
         import torch  # noqa: F401
         import transformers.models.reformer.modeling_reformer  # noqa: F401
@@ -232,6 +295,27 @@ def planned_mib(lm, length):
             + analysis.output_size_in_bytes + adam) / 2**20
 
 
+def profile_line(result):
+    """`--profile`'s figures from `xla_profile.profile_step`'s `result`:
+    the step time, the executed matrix products, the floor (those products
+    at the measured throughput) and the share of it the step reaches, and
+    the profile's time by kind and products' own throughput."""
+    seconds, throughput = result["seconds"], result["matmul_gflops"]
+    floor = result["dot_flops"] / throughput / 1e9
+    profile = result["profile"]
+    return {"step_s": round(seconds, 3),
+            "cpu_s": round(result["cpu_seconds"], 3),
+            "executed_gflop": round(result["dot_flops"] / 1e9, 1),
+            "unknown_trip_counts": result["unknown_trip_counts"],
+            "matmul_gflops": round(throughput, 1),
+            "floor_s": round(floor, 3),
+            "peak_fraction": round(floor / seconds, 3),
+            "products": profile["products"],
+            "operations_ms": profile["operations_ms"],
+            "by_kind": profile["by_kind"],
+            "product_groups": profile["product_groups"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -247,6 +331,9 @@ def main():
     parser.add_argument("--plan", action="store_true",
                         help="report XLA's planned memory (compile only, "
                         "nothing runs) instead of timing steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="time our gradient step against its "
+                        "matrix-product floor and profile it (ours only)")
     parser.add_argument("--implementations", default="ours_jax",
                         help="comma-separated, from "
                         + ", ".join(IMPLEMENTATIONS))
@@ -259,7 +346,7 @@ def main():
         implementation, name, length = args.single.split(":")
         print(json.dumps(measure(implementation, name, int(length),
                                  args.repeats, args.layers, memory_options,
-                                 args.plan)))
+                                 args.plan, args.profile)))
         return
     implementations = args.implementations.split(",")
     if args.plan:
@@ -268,10 +355,17 @@ def main():
     if unknown:
         parser.error(f"unknown implementations {unknown}; choose from "
                      f"{list(IMPLEMENTATIONS)}")
+    if args.profile and args.plan:
+        parser.error("--profile runs the step and --plan does not: give one "
+                     "of them")
+    if args.profile and "huggingface" in implementations:
+        parser.error("--profile profiles ours only; received "
+                     f"--implementations {args.implementations}")
     flags = ["--repeats", args.repeats, "--layers", args.layers] + [
         item for option, value in memory_options.items() if value is not None
         for item in ("--" + option.replace("_", "-"), value)] + (
-        ["--plan"] if args.plan else [])
+        ["--plan"] if args.plan else []) + (
+        ["--profile"] if args.profile else [])
     lines = []
     for run_spec in args.runs.split(","):
         name, length = run_spec.split(":")
@@ -288,6 +382,8 @@ def main():
                     **memory_options}
             if "error" in result:
                 line["error"] = result["error"]
+            elif args.profile:
+                line.update(profile_line(result))
             elif args.plan:
                 line.update(
                     planned_gib=round(result["planned_mib"] / 1024, 2),
@@ -316,7 +412,7 @@ def main():
                     implementation: round(hf_cpu / cpu, 2)
                     for implementation, (_, cpu) in seconds.items()}}),
                 flush=True)
-    if args.plot and not args.plan:
+    if args.plot and not (args.plan or args.profile):
         write_plot(args.plot, lines, "length",
                    ["step_s", "cpu_s", "peak_mib", "steady_mib"],
                    ["configuration", "implementation"],

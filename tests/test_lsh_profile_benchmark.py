@@ -1,6 +1,7 @@
-"""benchmarks/lsh_profile.py's counts on a tiny LSH layer step (this
-process's backend): matrix products against the configuration's own count,
-loops included, and the profile's operations inside loops."""
+"""benchmarks/lsh_profile.py's and xla_profile.py's counts on a tiny LSH
+layer step (this process's backend): matrix products against the
+configuration's own count, loops included, and the profile's operations
+inside loops."""
 
 import os
 import sys
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import layer_steps  # noqa: E402
 import lsh_profile  # noqa: E402
+import xla_profile  # noqa: E402
 
 LENGTH, HEADS = 256, 2
 STEP = {"tensorflow": "lsh_tf", "jax": "lsh_jax"}
@@ -24,7 +26,7 @@ def looped():
     parsed HLO."""
     step = layer_steps.STEPS[STEP[keras.backend.backend()]](
         LENGTH, HEADS, parallel_heads=1, segments=2)
-    return step, lsh_profile.parse_hlo(step.optimized_hlo())
+    return step, xla_profile.parse_hlo(step.optimized_hlo())
 
 
 def test_products_in_loops_count_once_per_trip(looped):
@@ -39,7 +41,7 @@ def test_products_in_loops_count_once_per_trip(looped):
     # the backward pass as matrix-vector products.
     row_sums = 2 * 2 * LENGTH * head_dim * rounds * HEADS
     needed = lsh_profile.layer_flops(LENGTH, HEADS)
-    executed, unknown_trip_counts = lsh_profile.dot_flops(*looped[1])
+    executed, unknown_trip_counts = xla_profile.dot_flops(*looped[1])
     assert unknown_trip_counts == []
     assert needed <= executed - recomputed <= needed + row_sums
 
@@ -47,9 +49,9 @@ def test_products_in_loops_count_once_per_trip(looped):
 def test_profile_records_each_trip_of_the_loops(looped):
     step, (computations, entry) = looped
     step()
-    counts, _ = lsh_profile.run_counts(computations, entry)
-    loop_bodies = lsh_profile.loop_computations(computations)
-    _, events = lsh_profile.trace_operations(step, keras.backend.backend())
+    counts, _ = xla_profile.run_counts(computations, entry)
+    loop_bodies = xla_profile.loop_computations(computations)
+    _, events = xla_profile.trace_operations(step, keras.backend.backend())
     recorded = {}
     for computation in loop_bodies:
         for name, opcode, _, _ in computations.get(computation, ()):
