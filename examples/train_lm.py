@@ -306,7 +306,6 @@ def build_model(args):
                                                             chunk)},
             "local": {"chunk_length": chunk}},
         axial_shape=axial_shape_for(length),
-        feed_forward_chunk_length=chunk,
         causal=True,
         seed=args.seed)
     model = ReformerCausalLM(backbone)

@@ -15,6 +15,7 @@ from keras_hub.src.utils.preset_utils import get_file
 
 from keras_reformer.convert.checkpoint import CheckpointTensors
 from keras_reformer.layers import hashing
+from keras_reformer.layers.chunked_feed_forward import DEFAULT_CHUNK_LENGTH
 from keras_reformer.models import ReformerBackbone
 from keras_reformer.models import ReformerCausalLM
 from keras_reformer.models import ReformerSentencePieceTokenizer
@@ -88,7 +89,7 @@ def convert_backbone_config(transformers_config):
         "axial_dims": tuple(config["axial_pos_embds_dim"]),
         "causal": bool(config.get("is_decoder", False)),
         "feed_forward_chunk_length": config.get("chunk_size_feed_forward")
-        or 64,
+        or DEFAULT_CHUNK_LENGTH,
         "activation": _ACTIVATIONS[config["hidden_act"]],
         "layer_norm_epsilon": config["layer_norm_eps"],
         "seed": 0 if hash_seed is None else hash_seed,

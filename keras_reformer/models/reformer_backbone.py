@@ -5,6 +5,7 @@ import keras_hub
 
 from keras_reformer.layers.attention_registry import attention_type
 from keras_reformer.layers.axial_position_embedding import AxialPositionEmbedding
+from keras_reformer.layers.chunked_feed_forward import DEFAULT_CHUNK_LENGTH
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.layer_norm import LeanLayerNormalization
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
@@ -53,7 +54,8 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
             length.
         axial_dims: pair summing to `hidden_dim`; default half and half.
         causal: bool, decoder (True) or bidirectional encoder (False).
-        feed_forward_chunk_length: int, positions per feed-forward chunk.
+        feed_forward_chunk_length: int, positions per feed-forward chunk
+            (its intermediate activations exist one chunk at a time).
         activation: feed-forward activation.
         dropout: float, dropout in attention, feed-forward and embeddings.
         layer_norm_epsilon: float.
@@ -81,7 +83,8 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
                  head_dim=64, intermediate_dim=512,
                  attention_types=("lsh", "full"), attention_options=None,
                  axial_shape=(64, 64), axial_dims=None, causal=True,
-                 feed_forward_chunk_length=64, activation="relu", dropout=0.0,
+                 feed_forward_chunk_length=DEFAULT_CHUNK_LENGTH,
+                 activation="relu", dropout=0.0,
                  layer_norm_epsilon=1e-12, seed=None, dtype=None, **kwargs):
         check_positive_int("vocabulary_size", vocabulary_size)
         check_positive_int("hidden_dim", hidden_dim)
