@@ -10,6 +10,7 @@ from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
 from tests.helpers import assert_close
@@ -49,6 +50,17 @@ def test_gradient_equals_autodiff_of_take_along_axis():
         x, index[..., None], axis=2)), x, [])
     assert_close(actual[0], expected[0], atol=1e-5)
     assert_close(actual[1], expected[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("index_batch,index_heads",
+                         [(2, 3), (1, 3), (2, 1), (1, 1)])
+def test_take_rows_broadcasts_the_index_like_numpy(index_batch, index_heads):
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 3, 7, 5).astype("float32")
+    index = rng.randint(0, 7, (index_batch, index_heads, 4)).astype("int32")
+    expected = np.take_along_axis(
+        x, np.broadcast_to(index, (2, 3, 4))[..., None], axis=2)
+    assert_close(take_rows(x, index), expected, atol=0)
 
 
 def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():

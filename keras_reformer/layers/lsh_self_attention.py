@@ -445,22 +445,24 @@ class LSHSelfAttention(SelfAttentionBase):
         gathered from the unsorted `query_key` and `values`
         `(batch, heads, length, head_dim)`; `layout` is `(query_positions,
         key_positions, key_valid)` of the sorted slots and windows. Returns
-        `(outputs, logsumexp)` in sorted order."""
+        `(outputs, logsumexp)` in sorted order. The keys are normalised
+        once, before the runs gather their windows."""
         return attention_in_runs(
-            self._attend_run, [query_key, values], list(layout),
+            self._attend_run,
+            [query_key, shared_qk_keys(query_key), values], list(layout),
             runs, self.chunk_length, dropout_seed)
 
     def _attend_run(self, s, run, inputs, layout, seed):
         """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`;
         dropout (if `seed` is not None) seeded per run."""
-        query_key, values = inputs
+        query_key, keys, values = inputs
         query_positions, key_positions, key_valid = layout
         width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
         queries_at = run_of(query_positions, s, run)
         keys_at = run_of(key_positions, s, run * width)
         return chunked_attention(
             take_rows(query_key, queries_at),
-            shared_qk_keys(take_rows(query_key, keys_at)),
+            take_rows(keys, keys_at),
             take_rows(values, keys_at),
             queries_at,
             keys_at,
@@ -524,8 +526,19 @@ class LSHSelfAttention(SelfAttentionBase):
             [_heads(index, g * group, group) for index in indices],
             None if dropout_seed is None else offset_seed(dropout_seed,
                                                           [0, g]), runs)
-        return ops.einsum("bnld,ndh->blh", outputs,
-                          ops.cast(output_kernel, outputs.dtype))
+        # A matrix product over the group's features, whose gradient with
+        # respect to the kernel is `outputs^T @ output_grad`, reading the
+        # output gradient `(length, hidden)` as it is. TensorFlow
+        # differentiates the einsum into a product that XLA feeds with a
+        # transposed copy of the whole output gradient, made in every step
+        # of the backward loop.
+        batch, _, length, head_dim = ops.shape(outputs)
+        features = group * head_dim
+        outputs = ops.reshape(ops.transpose(outputs, (0, 2, 1, 3)),
+                              (batch * length, features))
+        kernel = ops.reshape(ops.cast(output_kernel, outputs.dtype),
+                             (features, -1))
+        return ops.reshape(ops.matmul(outputs, kernel), (batch, length, -1))
 
     def get_config(self):
         config = super().get_config()

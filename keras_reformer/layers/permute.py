@@ -62,7 +62,7 @@ def take_rows(x, index):
     autodiff (the gradient scatters).
 
     Whole rows move at once: TensorFlow's `tf.gather` with two batch
-    dimensions, and on JAX `take_along_axis` with the index promised in
+    dimensions (one, the batch, when `index` has 1 for `heads`), and on JAX `take_along_axis` with the index promised in
     bounds (no masking of out-of-range rows). Keras's `take_along_axis`
     on TensorFlow gathers element by element, the index broadcast to every
     element and the rows axis moved last and back.
@@ -76,6 +76,14 @@ def take_rows(x, index):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
+        if index.shape[1] == 1:
+            # One order for every head: the batch is the only batch
+            # dimension of the gather, whose index XLA expands to (batch,
+            # row) pairs, not (batch, head, row) triples repeated per head
+            # (a constant of that size when the order is a constant).
+            index = tf.broadcast_to(index[:, 0], tf.concat(
+                [tf.shape(x)[:1], tf.shape(index)[2:]], 0))
+            return tf.gather(x, index, axis=2, batch_dims=1)
         index = tf.broadcast_to(index, tf.concat(
             [tf.shape(x)[:2], tf.shape(index)[2:]], 0))
         return tf.gather(x, index, axis=2, batch_dims=2)
