@@ -123,7 +123,8 @@ def main():
                     if r["steady_mib"] and base["steady_mib"]}}),
                 flush=True)
     if args.plot:
-        write_plot(args.plot, lines, "length", ["ms", "cpu_ms", "peak_mib", "steady_mib"],
+        write_plot(args.plot, lines, "length",
+                   ["ms", "cpu_ms", "peak_mib", "steady_mib"],
                    "implementation",
                    f"one attention layer, forward+backward, CPU, "
                    f"{args.heads} heads of 64")

@@ -8,8 +8,9 @@ as the peers' figures are): the device's peak allocation on a GPU, on a CPU
 the growth of the process's peak resident set from before the model was
 built (compilation included), and the steady peak: the highest resident
 set during the timed steps above the one before the model was built
-(`isolated.ResidentMemory`: without the compiler's working memory). Every configuration is a `transformers.ReformerConfig` (dropout 0);
-our model is built from it through `convert.convert_backbone_config`, so both
+(`isolated.ResidentMemory`: without the compiler's working memory). Every
+configuration is a `transformers.ReformerConfig` (dropout 0); our model is
+built from it through `convert.convert_backbone_config`, so both
 implementations train the same architecture. Implementations:
 
 * `ours_jax`, `ours_tf`: `ReformerCausalLM.train_on_batch` under XLA on the

@@ -62,8 +62,9 @@ def take_rows(x, index):
     autodiff (the gradient scatters).
 
     Whole rows move at once: TensorFlow's `tf.gather` with two batch
-    dimensions (one, the batch, when `index` has 1 for `heads`), and on JAX `take_along_axis` with the index promised in
-    bounds (no masking of out-of-range rows). Keras's `take_along_axis`
+    dimensions (one, the batch, when `index` has 1 for `heads`), and on
+    JAX `take_along_axis` with the index promised in bounds (no masking of
+    out-of-range rows). Keras's `take_along_axis`
     on TensorFlow gathers element by element, the index broadcast to every
     element and the rows axis moved last and back.
 
