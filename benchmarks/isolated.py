@@ -54,9 +54,15 @@ def _status_mib(field):
 
 
 def _peak_resident_mib():
+    """This process's peak resident set: Linux's high-water mark (the
+    process's own; `ru_maxrss` starts a child at its parent's peak), else
+    `ru_maxrss`."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak
 
 
 def _return_free_memory():

@@ -25,6 +25,9 @@ def gradient_step():
     """The crime-and-punishment configuration's first two layers, its
     gradient step and the step's parsed HLO."""
     config = lm_step.reformer_config("crime_and_punishment", LENGTH, LAYERS)
+    # Feed-forward chunks of 64: a loop of several steps, whose backward
+    # pass recomputes each chunk (one chunk would be no loop at all).
+    config.chunk_size_feed_forward = 64
     step = lm_step.gradient_step(config, LENGTH, {})
     return config, step, xla_profile.parse_hlo(step.optimized_hlo())
 
