@@ -16,36 +16,7 @@ import time
 
 import numpy as np
 
-
-def gradient_step(layer, inputs):
-    """One forward+backward of `layer` on `inputs` under XLA, waited for."""
-    import keras
-
-    layer.build(inputs.shape)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.constant(inputs)
-
-        @tf.function(jit_compile=True)
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(layer(x) ** 2)
-            return tape.gradient(loss, [x] + layer.trainable_variables)
-
-        return lambda: [g.numpy() for g in step(x)]
-    import jax
-
-    variables = layer.trainable_variables
-
-    def loss(values, x):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return (layer(x) ** 2).sum()
-
-    gradient = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    values = [v.value for v in variables]
-    return lambda: jax.block_until_ready(gradient(values, inputs))
+import layer_steps
 
 
 def main():
@@ -68,6 +39,9 @@ def main():
         chunks = list(dict.fromkeys(
             int(c) or length for c in args.chunks.split(",")
             if int(c) <= length))
+        gradient_step = (layer_steps.jax_gradient_step
+                         if keras.backend.backend() == "jax"
+                         else layer_steps.tf_gradient_step)
         steps = {c: gradient_step(ChunkedFeedForward(intermediate, c),
                                   inputs) for c in chunks}
         for step in steps.values():

@@ -55,10 +55,17 @@ def _ours(kind, heads, **options):
 
 def tf_step(layer, length, heads):
     """Our `layer` under `tf.function(jit_compile=True)`."""
+    return tf_gradient_step(layer, _inputs(length, heads))
+
+
+def tf_gradient_step(layer, inputs):
+    """The input and weight gradients of the sum of `layer`'s squared
+    outputs for the array `inputs`, under `tf.function(jit_compile=True)`:
+    a function running it once, with `optimized_hlo()`."""
     import tensorflow as tf
 
-    layer.build((1, length, heads * HEAD_DIM))
-    x = tf.constant(_inputs(length, heads))
+    layer.build(inputs.shape)
+    x = tf.constant(inputs)
 
     @tf.function(jit_compile=True)
     def step(x):
@@ -76,13 +83,19 @@ def tf_step(layer, length, heads):
 
 def jax_step(layer, length, heads):
     """Our `layer` under `jax.jit` (weights passed in, as in training)."""
+    return jax_gradient_step(layer, _inputs(length, heads))
+
+
+def jax_gradient_step(layer, inputs):
+    """`tf_gradient_step` under `jax.jit`, the weights passed in as in
+    training; the function also has `compiled`."""
     import jax
     import keras
 
     from keras_reformer.layers.seeds import seed_tensor
 
-    layer.build((1, length, heads * HEAD_DIM))
-    x = jax.numpy.asarray(_inputs(length, heads))
+    layer.build(inputs.shape)
+    x = jax.numpy.asarray(inputs)
     weights = [v.value for v in layer.trainable_variables]
 
     def loss(weights, x):
