@@ -215,8 +215,7 @@ class LocalSelfAttention(KeyValueAttention):
             self.chunk_length, self.causal, mask_self=False,
             dropout_fn=self.dropout_fn(seed is not None,
                                        offset_seed(seed, [s, 0])))
-        return (ops.einsum("bnld,ndh->blh", outputs,
-                           ops.cast(output_kernel, outputs.dtype)),)
+        return (self.project_out(outputs, output_kernel),)
 
     def get_config(self):
         config = super().get_config()

@@ -526,19 +526,7 @@ class LSHSelfAttention(SelfAttentionBase):
             [_heads(index, g * group, group) for index in indices],
             None if dropout_seed is None else offset_seed(dropout_seed,
                                                           [0, g]), runs)
-        # A matrix product over the group's features, whose gradient with
-        # respect to the kernel is `outputs^T @ output_grad`, reading the
-        # output gradient `(length, hidden)` as it is. TensorFlow
-        # differentiates the einsum into a product that XLA feeds with a
-        # transposed copy of the whole output gradient, made in every step
-        # of the backward loop.
-        batch, _, length, head_dim = ops.shape(outputs)
-        features = group * head_dim
-        outputs = ops.reshape(ops.transpose(outputs, (0, 2, 1, 3)),
-                              (batch * length, features))
-        kernel = ops.reshape(ops.cast(output_kernel, outputs.dtype),
-                             (features, -1))
-        return ops.reshape(ops.matmul(outputs, kernel), (batch, length, -1))
+        return self.project_out(outputs, output_kernel)
 
     def get_config(self):
         config = super().get_config()

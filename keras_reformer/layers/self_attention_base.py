@@ -25,7 +25,7 @@ class SelfAttentionBase(AttentionLayer):
     keras-hub's `enable_lora` and Keras's `quantize("int8")` apply to them.
     Subclasses compute with `kernels` (the effective kernels as tensors)
     and implement `AttentionLayer`'s contract with `project`,
-    `merge_heads` and `real_inputs`.
+    `merge_heads` (or `project_out`) and `real_inputs`.
 
     Args:
         num_heads: int, number of heads.
@@ -130,9 +130,25 @@ class SelfAttentionBase(AttentionLayer):
         have no allowed key at all, and its output must not carry anything
         from any position (a later one, say) into the residual stream.
         """
-        return zero_padding(ops.einsum(
-            "bnld,ndh->blh", outputs,
-            ops.cast(kernel, outputs.dtype)), valid)
+        return zero_padding(self.project_out(outputs, kernel), valid)
+
+    def project_out(self, outputs, kernel):
+        """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`
+        by `kernel`, the output kernel (from `kernels`) or its slice of
+        `heads` heads.
+
+        One matrix product over the heads' features, whose gradient with
+        respect to the kernel (`outputs^T @ output_grad`) reads the output
+        gradient `(batch * length, hidden)` as it lies. TensorFlow
+        differentiates the einsum `bnld,ndh->blh` into a product that XLA
+        feeds with a transposed copy of the whole output gradient.
+        """
+        batch, heads, length, head_dim = ops.shape(outputs)
+        features = heads * head_dim
+        rows = ops.reshape(ops.transpose(outputs, (0, 2, 1, 3)),
+                           (-1, features))
+        kernel = ops.reshape(ops.cast(kernel, outputs.dtype), (features, -1))
+        return ops.reshape(ops.matmul(rows, kernel), (batch, length, -1))
 
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""

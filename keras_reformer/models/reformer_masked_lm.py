@@ -4,6 +4,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.token_id_check import checked_indices
 from keras_reformer.layers.token_id_check import raise_unless
 from keras_reformer.models.reformer_backbone import ReformerBackbone
@@ -108,7 +109,7 @@ class GatherPositions(keras.layers.Layer):
             "mask_positions must be in [0, sequence length)",
             features.dtype)
         safe = ops.clip(positions, 0, length - 1)
-        gathered = ops.take_along_axis(features, safe[..., None], axis=1)
+        gathered = take_rows(features[:, None], safe[:, None])[:, 0]
         return gathered * factor
 
     def compute_output_shape(self, features_shape, positions_shape):
