@@ -147,8 +147,9 @@ class SelfAttentionBase(AttentionLayer):
         features = heads * head_dim
         rows = ops.reshape(ops.transpose(outputs, (0, 2, 1, 3)),
                            (-1, features))
-        kernel = ops.reshape(ops.cast(kernel, outputs.dtype), (features, -1))
-        return ops.reshape(ops.matmul(rows, kernel), (batch, length, -1))
+        hidden = ops.shape(kernel)[-1]
+        kernel = ops.reshape(ops.cast(kernel, outputs.dtype), (features, hidden))
+        return ops.reshape(ops.matmul(rows, kernel), (batch, length, hidden))
 
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""
