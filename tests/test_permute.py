@@ -120,12 +120,12 @@ def test_lsh_gradients_equal_autodiff_with_padding_chunks(monkeypatch, causal,
     assert_same_value_and_grads(actual, expected)
 
 
-def _grouped_and_whole(dropout=0.0):
-    """LSH layers with 4 heads computed 2 at a time and all at once, sharing
-    weights."""
+def _grouped_and_whole(dropout=0.0, segments="auto"):
+    """LSH layers with 4 heads computed 2 at a time (each group's chunks in
+    `segments` runs) and all at once, sharing weights."""
     kwargs = dict(num_heads=4, head_dim=8, chunk_length=4, num_hashes=2,
                   num_buckets=4, causal=True, seed=1, dropout=dropout)
-    grouped = LSHSelfAttention(parallel_heads=2, **kwargs)
+    grouped = LSHSelfAttention(parallel_heads=2, segments=segments, **kwargs)
     whole = LSHSelfAttention(**kwargs)
     for layer in (grouped, whole):
         layer.build((2, 29, 24))
@@ -137,9 +137,12 @@ def test_head_groups_equal_all_heads_at_once():
     assert_same_as_whole(*_grouped_and_whole())
 
 
-def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
-        monkeypatch):
-    grouped, _ = _grouped_and_whole(dropout=0.3)
+@pytest.mark.parametrize("segments", ["auto", 4])
+def test_head_groups_gradient_equals_autodiff_with_dropout(monkeypatch,
+                                                           segments):
+    # Each group's backward from its kept outputs (in runs or not) against
+    # autodiff of the same groups unrolled.
+    grouped, _ = _grouped_and_whole(dropout=0.3, segments=segments)
 
     def unrolled_groups(self, inputs, valid, rotations, dropout_seed,
                         kernels, size, runs):
@@ -150,10 +153,10 @@ def test_head_groups_recomputed_gradient_equals_autodiff_with_dropout(
                                                       size),
             rotations, size), valid)
         slicing = [(axis, 0) for axis in lsh_self_attention._HEAD_AXES]
-        return sum(self._group_output(g, inputs, indices, dropout_seed,
-                                      step_views(kernels, g, size, slicing),
-                                      size, runs)
-                   for g in range(self.num_heads // size))
+        return sum(self._group_step(
+            g, [inputs, *step_views(kernels, g, size, slicing)], indices,
+            dropout_seed, size, runs)[0]
+            for g in range(self.num_heads // size))
 
     assert_recomputed_gradient_equals_autodiff(
         grouped, lambda: monkeypatch.setattr(

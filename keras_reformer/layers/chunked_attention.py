@@ -106,6 +106,18 @@ def attend(queries, keys, values, scores_mask_fn, dropout_fn=None):
 def _attention_forward(queries, keys, values, replacements, factors=None):
     """`attend`'s outputs and what `_attention_backward` needs; `factors`:
     None, or the dropout's factor for each weight."""
+    kept, weights, logsumexp = _softmax(queries, keys, replacements)
+    dropped = weights if factors is None else weights * factors
+    outputs = ops.einsum(
+        "...qk,...kd->...qd", ops.cast(dropped, values.dtype), values)
+    residuals = (queries, keys, values, kept, factors, weights, outputs)
+    return (outputs, logsumexp), residuals
+
+
+def _softmax(queries, keys, replacements):
+    """The attention weights (float32) of the scores with masked entries
+    replaced (`replacements`, see `attend`): `(kept, weights, logsumexp)`,
+    `kept` True where the raw score was kept."""
     kept = ops.equal(replacements, ops.zeros((), replacements.dtype))
     scores = ops.where(
         kept, ops.einsum("...qd,...kd->...qk", queries, keys), replacements)
@@ -119,21 +131,21 @@ def _attention_forward(queries, keys, values, replacements, factors=None):
                       initial=mask_values("float32")[0])
     exponentials = ops.exp(scores - maximum)
     total = ops.sum(exponentials, axis=-1, keepdims=True)
-    weights = exponentials / total
     logsumexp = ops.squeeze(maximum + ops.log(total), -1)
-    dropped = weights if factors is None else weights * factors
-    outputs = ops.einsum(
-        "...qk,...kd->...qd", ops.cast(dropped, values.dtype), values)
-    residuals = (queries, keys, values, kept, factors, weights, outputs)
-    return (outputs, logsumexp), residuals
+    return kept, exponentials / total, logsumexp
 
 
 def _attention_backward(residuals, output_grads):
     """Gradients of `attend` with respect to its queries, keys and values.
 
     With weights `P` (before dropout), `dP` the gradient reaching them and
-    `g` that of the logsumexp, the scores' gradient is `P * (dP - sum(P *
-    dP) + g)` where a score was kept, zero where a mask replaced it.
+    `g` that of the logsumexp (None: zero), the scores' gradient is `P *
+    (dP - sum(P * dP) + g)` where a score was kept, zero where a mask
+    replaced it. `sum(P * dP)` over the keys is the outputs' product with
+    their gradient (a sum over the fewer feature dimensions); so `P` may
+    also be a share of a softmax over more keys than these (scaled
+    weights), with the outputs and their gradient those of that whole
+    softmax.
     """
     queries, keys, values, kept, factors, weights, outputs = residuals
     output_grad, logsumexp_grad = output_grads
@@ -142,18 +154,16 @@ def _attention_backward(residuals, output_grads):
                             ops.cast(dropped, values.dtype), output_grad)
     weight_grad = ops.cast(ops.einsum(
         "...qd,...kd->...qk", output_grad, values), "float32")
-    if factors is None:
-        # sum(P * dP) over the keys is the outputs' product with their
-        # gradient: a sum over the (fewer) feature dimensions.
-        through_weights = ops.einsum(
-            "...qd,...qd->...q", ops.cast(output_grad, "float32"),
-            ops.cast(outputs, "float32"))
-    else:
+    if factors is not None:
         weight_grad = weight_grad * factors
-        through_weights = ops.einsum("...qk,...qk->...q", weight_grad,
-                                     weights)
-    score_grad = weights * (weight_grad + ops.expand_dims(
-        ops.cast(logsumexp_grad, "float32") - through_weights, -1))
+    through_weights = ops.einsum(
+        "...qd,...qd->...q", ops.cast(output_grad, "float32"),
+        ops.cast(outputs, "float32"))
+    if logsumexp_grad is not None:
+        through_weights = through_weights - ops.cast(logsumexp_grad,
+                                                     "float32")
+    score_grad = weights * (weight_grad - ops.expand_dims(through_weights,
+                                                          -1))
     score_grad = ops.cast(ops.where(kept, score_grad, 0.0), queries.dtype)
     query_grad = ops.einsum("...qk,...kd->...qd", score_grad, keys)
     key_grad = ops.einsum("...qk,...qd->...kd", score_grad, queries)
@@ -204,7 +214,62 @@ def chunked_attention(queries, keys, values, query_positions, key_positions,
         `(outputs, logsumexp)` of shapes `(batch, heads, T, head_dim)` and
         `(batch, heads, T)`.
     """
-    batch, heads, length, head_dim = ops.shape(queries)
+    split, mask_fn = _chunks(queries, query_positions, key_positions,
+                             key_valid, chunk_length, causal, mask_self,
+                             window)
+    outputs, logsumexp = attend(
+        split(queries), split(keys), split(values), mask_fn, dropout_fn)
+    return (ops.reshape(outputs, ops.shape(queries)),
+            ops.reshape(logsumexp, ops.shape(query_positions)))
+
+
+def chunked_attention_grads(queries, keys, values, query_positions,
+                            key_positions, key_valid, chunk_length, causal,
+                            mask_self, weight_scales, outputs, output_grad,
+                            dropout_fn=None, window=None):
+    """Gradients of `chunked_attention`'s queries, keys and values when each
+    query's weights are a share of a softmax over more keys (LSH: every
+    round's), recomputed from the scores alone.
+
+    The weights are `chunked_attention`'s times `weight_scales` (each
+    query's share); `outputs` and `output_grad` are those of the whole
+    softmax. So the chunks' own outputs are not needed: the backward of a
+    flash attention over several rounds of chunked keys.
+
+    Args:
+        queries, keys, values, query_positions, key_positions, key_valid,
+            chunk_length, causal, mask_self, dropout_fn, window: as
+            `chunked_attention` (the same `dropout_fn` and seed draw the
+            same factors).
+        weight_scales: `(batch, heads, T)` float32.
+        outputs, output_grad: `(batch, heads, T, head_dim)`.
+
+    Returns:
+        `(query_grad, key_grad, value_grad)`, shaped like the inputs.
+    """
+    split, mask_fn = _chunks(queries, query_positions, key_positions,
+                             key_valid, chunk_length, causal, mask_self,
+                             window)
+    chunks = [split(x) for x in (queries, keys, values)]
+    shape = tuple(ops.shape(chunks[0])[:-1]) + (ops.shape(chunks[1])[-2],)
+    replacements = mask_fn(ops.zeros(shape, queries.dtype))
+    factors = None if dropout_fn is None else dropout_fn(
+        ops.ones(shape, "float32"))
+    kept, weights, _ = _softmax(chunks[0], chunks[1], replacements)
+    weights = weights * ops.expand_dims(split(weight_scales), -1)
+    grads = _attention_backward(
+        (*chunks, kept, factors, weights, split(outputs)),
+        (split(output_grad), None))
+    return tuple(ops.reshape(grad, ops.shape(x)) for grad, x in zip(
+        grads[:3], (queries, keys, values)))
+
+
+def _chunks(queries, query_positions, key_positions, key_valid,
+            chunk_length, causal, mask_self, window):
+    """`(split, mask_fn)` of `chunked_attention`: `split` cuts a `(batch,
+    heads, n, ...)` tensor into the query chunks' parts, `mask_fn` masks
+    the chunks' scores."""
+    batch, heads, length = ops.shape(queries)[:3]
     num_chunks = length // chunk_length
 
     def split(x):
@@ -220,11 +285,7 @@ def chunked_attention(queries, keys, values, query_positions, key_positions,
             scores, query_positions, key_positions, key_valid, causal,
             mask_self, window)
 
-    outputs, logsumexp = attend(
-        split(queries), split(keys), split(values), mask_fn, dropout_fn)
-    outputs = ops.reshape(outputs, (batch, heads, length, head_dim))
-    logsumexp = ops.reshape(logsumexp, (batch, heads, length))
-    return outputs, logsumexp
+    return split, mask_fn
 
 
 def run_of(x, s, size):

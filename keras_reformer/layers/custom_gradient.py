@@ -67,17 +67,18 @@ def with_custom_gradient(forward, backward):
     return function
 
 
-def value_and_vjp(fn, primals, cotangents):
-    """Evaluates `fn(*primals)` and pulls `cotangents` back to the primals.
+def vjp(fn, primals):
+    """Evaluates `fn(*primals)` and returns its pullback.
 
     Args:
         fn: a function of tensors returning a tuple of tensors.
         primals: list of input tensors (all differentiable).
-        cotangents: tuple of tensors shaped like `fn`'s outputs.
 
     Returns:
-        `(outputs, grads)`: `fn`'s outputs and one gradient per primal
-        (zeros where an input does not influence the outputs).
+        `(outputs, pullback)`: `fn`'s outputs, and a function that takes
+        cotangents shaped like them (computed from the outputs, if need be)
+        and returns one gradient per primal (zeros where an input does not
+        influence the outputs). Call it once.
     """
     if _backend() == "tensorflow":
         import tensorflow as tf
@@ -85,18 +86,28 @@ def value_and_vjp(fn, primals, cotangents):
         with tf.GradientTape() as tape:
             tape.watch(primals)
             outputs = fn(*primals)
-        grads = tape.gradient(
-            list(outputs),
-            primals,
-            output_gradients=list(cotangents),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return outputs, grads
+
+        def pullback(cotangents):
+            return tape.gradient(
+                list(outputs),
+                primals,
+                output_gradients=list(cotangents),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        return outputs, pullback
 
     import jax
 
-    outputs, pullback = jax.vjp(fn, *primals)
-    return outputs, list(pullback(tuple(cotangents)))
+    outputs, jax_pullback = jax.vjp(fn, *primals)
+    return outputs, lambda cotangents: list(jax_pullback(tuple(cotangents)))
+
+
+def value_and_vjp(fn, primals, cotangents):
+    """`fn(*primals)` and `cotangents` pulled back to the primals (see
+    `vjp`): `(outputs, grads)`."""
+    outputs, pullback = vjp(fn, primals)
+    return outputs, pullback(cotangents)
 
 
 def tensor_values(variables):

@@ -8,13 +8,17 @@ from keras_reformer.layers.attention_registry import register_attention
 from keras_reformer.layers.chunked_attention import attend
 from keras_reformer.layers.chunked_attention import attention_in_runs
 from keras_reformer.layers.chunked_attention import chunked_attention
+from keras_reformer.layers.chunked_attention import chunked_attention_grads
+from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.chunked_attention import masked_scores
 from keras_reformer.layers.chunked_attention import run_of
+from keras_reformer.layers.custom_gradient import vjp
 from keras_reformer.layers.custom_gradient import with_custom_gradient
 from keras_reformer.layers.memory_plan import AUTO
 from keras_reformer.layers.memory_plan import check_plan_option
 from keras_reformer.layers.memory_plan import plan
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.permute import gathered_back
 from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
@@ -204,8 +208,8 @@ class LSHSelfAttention(SelfAttentionBase):
                 cache = {"keys": shared_qk_keys(query_key), "values": values,
                          "buckets": buckets, "order": order}
         if group is None:
-            outputs = self.merge_heads(self._attend_sorted(
-                query_key, values, indices, dropout_seed, runs), valid,
+            outputs = self.merge_heads(_combine_rounds(*self._attend_sorted(
+                query_key, values, indices, dropout_seed, runs)), valid,
                 output_kernel)
         else:
             outputs = zero_padding(self._attend_head_groups(
@@ -390,7 +394,8 @@ class LSHSelfAttention(SelfAttentionBase):
 
     def _attend_sorted(self, query_key, values, indices, dropout_seed,
                        runs):
-        """Chunked attention of every round in sorted order, combined.
+        """Chunked attention of every round in sorted order, back in the
+        original order.
 
         Args:
             query_key, values: `(batch, heads, length, head_dim)`.
@@ -400,7 +405,9 @@ class LSHSelfAttention(SelfAttentionBase):
                 (`_attend_segments`).
 
         Returns:
-            `(batch, heads, length, head_dim)`.
+            `(outputs, logsumexp)` of every round, `(batch, heads,
+            num_hashes, length, head_dim)` and `(batch, heads, num_hashes,
+            length)`, for `_combine_rounds`.
         """
         flat_positions, undo, redo, key_positions, key_copies, key_valid = (
             indices)
@@ -431,12 +438,12 @@ class LSHSelfAttention(SelfAttentionBase):
             outputs, logsumexp = self._attend_segments(
                 query_key, values, (flat_positions, key_positions, key_valid),
                 dropout_seed, runs)
-        # Back to the original order, then combine the rounds.
+        # Back to the original order.
         outputs = ops.reshape(gather_rows(outputs, undo, redo),
                               (batch, heads, num_hashes, length, head_dim))
         logsumexp = ops.reshape(gather_rows(logsumexp, undo, redo),
                                 (batch, heads, num_hashes, length))
-        return _combine_rounds(outputs, logsumexp)
+        return outputs, logsumexp
 
     def _attend_segments(self, query_key, values, layout, dropout_seed,
                          runs):
@@ -455,36 +462,24 @@ class LSHSelfAttention(SelfAttentionBase):
     def _attend_run(self, s, run, inputs, layout, seed):
         """Run `s` (sorted slots `s * run` onwards) of `_attend_segments`;
         dropout (if `seed` is not None) seeded per run."""
-        query_key, keys, values = inputs
-        query_positions, key_positions, key_valid = layout
-        width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
-        queries_at = run_of(query_positions, s, run)
-        keys_at = run_of(key_positions, s, run * width)
+        slots = _run_slots(s, run, layout)
         return chunked_attention(
-            take_rows(query_key, queries_at),
-            take_rows(keys, keys_at),
-            take_rows(values, keys_at),
-            queries_at,
-            keys_at,
-            run_of(key_valid, s, run * width),
-            self.chunk_length,
-            self.causal,
-            mask_self=True,
+            *_run_rows(inputs, *slots[:2]), *slots, self.chunk_length,
+            self.causal, mask_self=True,
             dropout_fn=self.dropout_fn(seed is not None,
-                                       offset_seed(seed, [s, 0])),
-        )
+                                       offset_seed(seed, [s, 0])))
 
     def _attend_head_groups(self, inputs, valid, rotations, dropout_seed,
                             kernels, group, runs):
-        """`_group_output` summed over the groups of `group` heads.
+        """`_group_step`'s outputs summed over the groups of `group` heads.
 
         The heads are hashed and sorted a group at a time, each group's
         query-keys projected for it and dropped (only the integer sort
         indices of every head are kept). Then only one group's projections,
-        chunked scores, windows and sorted copies are alive at once; the
-        backward pass recomputes each group's projections and attention
-        instead of storing them (`recomputed_loop`), and differentiates them
-        with respect to the inputs and the group's slices of the kernels.
+        chunked scores, windows and sorted copies are alive at once. The
+        forward pass keeps each group's combined attention outputs and
+        round weights; the backward pass (`_group_backward`) recomputes a
+        group's projections and scores from them, not its attention.
 
         Args:
             inputs: `(batch, length, hidden)`, padded to whole chunks.
@@ -503,30 +498,115 @@ class LSHSelfAttention(SelfAttentionBase):
                 inputs, _heads(kernels[0], g * size, size)),
             rotations, group), valid)
         (outputs,) = recomputed_loop(
-            lambda g, views, indices, seed: (self._group_output(
-                g, views[0], indices, seed, views[1:], group, runs),),
+            lambda g, views, indices, seed: self._group_step(
+                g, views, indices, seed, group, runs),
             [inputs, *kernels], self.num_heads // group, group,
             slicing=[None] + [(axis, 0) for axis in _HEAD_AXES],
-            layout=tuple(indices), seed=dropout_seed)
+            layout=tuple(indices), seed=dropout_seed,
+            step_backward=lambda g, views, indices, seed, saved, grads: (
+                self._group_backward(g, views, indices, seed, saved,
+                                     grads[0], group, runs)),
+            saved_axes=(1, 1))
         return outputs
 
-    def _group_output(self, g, inputs, indices, dropout_seed, group_kernels,
-                      group, runs):
+    def _group_step(self, g, views, indices, dropout_seed, group, runs):
         """Head group `g`'s share of the layer's output `(batch, length,
-        hidden)`: its projections of `inputs` by `group_kernels` (its
-        `group` heads' slices of the query-key, value and output kernels),
-        attention (in `runs`, see `_attend_sorted`) in the order of its
-        heads' slices of `indices` (of every head, from
-        `_sort_by_buckets`) and output projection; dropout (if
-        `dropout_seed` is not None) seeded per group."""
-        query_key_kernel, value_kernel, output_kernel = group_kernels
-        outputs = self._attend_sorted(
+        hidden)`, its combined attention outputs `(batch, group, length,
+        head_dim)` and each round's weight in them `(batch, group,
+        num_hashes, length)` (float32).
+
+        `views` are the inputs and the group's slices of the query-key,
+        value and output kernels; attention (in `runs`, see
+        `_attend_sorted`) runs in the order of the group's slices of
+        `indices` (of every head, from `_sort_by_buckets`); dropout (if
+        `dropout_seed` is not None) is seeded per group.
+        """
+        inputs, query_key_kernel, value_kernel, output_kernel = views
+        outputs, logsumexp = self._attend_sorted(
             self.project(inputs, query_key_kernel),
             self.project(inputs, value_kernel),
-            [_heads(index, g * group, group) for index in indices],
-            None if dropout_seed is None else offset_seed(dropout_seed,
-                                                          [0, g]), runs)
-        return self.project_out(outputs, output_kernel)
+            _group_indices(indices, g, group), offset_seed(dropout_seed,
+                                                           [0, g]), runs)
+        combined = _combine_rounds(outputs, logsumexp)
+        return (self.project_out(combined, output_kernel), combined,
+                ops.stack(_round_weights(logsumexp), axis=2))
+
+    def _group_backward(self, g, views, indices, dropout_seed, saved,
+                        output_grad, group, runs):
+        """The gradients of `_group_step`'s output with respect to its
+        `views`, given its `saved` combined outputs and round weights.
+
+        The group's projections and chunked scores are recomputed; its
+        attention outputs, their gathers and the rounds' combination are
+        not (`chunked_attention_grads`).
+        """
+        inputs, query_key_kernel, value_kernel, output_kernel = views
+        outputs, round_weights = saved
+        _, pullback = vjp(lambda x, kernel: (self.project_out(x, kernel),),
+                          [outputs, output_kernel])
+        outputs_grad, output_kernel_grad = pullback((output_grad,))
+
+        def projections(inputs, query_key_kernel, value_kernel):
+            query_key = self.project(inputs, query_key_kernel)
+            return (query_key, shared_qk_keys(query_key),
+                    self.project(inputs, value_kernel))
+
+        projected, pullback = vjp(projections,
+                                  [inputs, query_key_kernel, value_kernel])
+        grads = pullback(self._sorted_grads(
+            *projected, outputs, round_weights, outputs_grad,
+            _group_indices(indices, g, group),
+            offset_seed(dropout_seed, [0, g]), runs))
+        return (*grads, output_kernel_grad)
+
+    def _sorted_grads(self, query_key, keys, values, outputs, round_weights,
+                      outputs_grad, indices, dropout_seed, runs):
+        """The gradients of `_attend_sorted`'s combined rounds with respect
+        to `query_key`, the normalised `keys` and `values` `(batch, heads,
+        length, head_dim)`, given the combined `outputs`, their gradient
+        `outputs_grad` and the `round_weights` (as `_group_step`); chunk by
+        chunk of the sorted rounds, in `runs` as `_attend_sorted`."""
+        flat_positions, undo, redo, key_positions, key_copies, key_valid = (
+            indices)
+        batch, heads, length, _ = ops.shape(query_key)
+        copies = self.num_hashes * (
+            self.num_chunks_before + 1 + self.num_chunks_after)
+        # Each sorted slot's share: the weight of its round.
+        slot_weights = take_rows(
+            ops.reshape(round_weights, (batch, heads, -1)), redo)
+        layout = (flat_positions, key_positions, key_valid)
+
+        def slot_grads(s, run, rows, seed):
+            slots = _run_slots(s, run, layout)
+            return chunked_attention_grads(
+                *rows, *slots, self.chunk_length, self.causal, True,
+                run_of(slot_weights, s, run), take_rows(outputs, slots[0]),
+                take_rows(outputs_grad, slots[0]),
+                dropout_fn=self.dropout_fn(seed is not None, seed))
+
+        if runs is None:
+            query_grad, key_grad, value_grad = slot_grads(
+                0, self.num_hashes * length,
+                _run_rows([query_key, keys, values], flat_positions,
+                          key_positions), dropout_seed)
+            shape = ops.shape(query_key)
+            return [gathered_back(query_grad, undo, shape, self.num_hashes),
+                    gathered_back(key_grad, key_copies, shape, copies),
+                    gathered_back(value_grad, key_copies, shape, copies)]
+        slots = self.num_hashes * length
+        num_runs = dividing_runs(runs, slots // self.chunk_length)
+        run = slots // num_runs
+
+        def body(s, grads):
+            slots = _run_slots(s, run, layout)
+            rows, pullback = vjp(lambda *x: _run_rows(x, *slots[:2]),
+                                 [query_key, keys, values])
+            run_grads = pullback(slot_grads(
+                s, run, rows, offset_seed(dropout_seed, [s, 0])))
+            return [total + grad for total, grad in zip(grads, run_grads)]
+
+        return ops.fori_loop(0, num_runs, body,
+                             [x * 0 for x in (query_key, keys, values)])
 
     def get_config(self):
         config = super().get_config()
@@ -553,6 +633,31 @@ def _heads(x, start, count, axis=1):
     starts = [0] * len(shape)
     starts[axis], shape[axis] = start, count
     return ops.slice(x, starts, tuple(shape))
+
+
+def _group_indices(indices, g, group):
+    """Head group `g`'s slices of the index tensors of every head."""
+    return [_heads(index, g * group, group) for index in indices]
+
+
+def _run_slots(s, run, layout):
+    """Run `s` (sorted slots `s * run` to `(s + 1) * run`) of `layout`
+    `(query_positions, key_positions, key_valid)`: the run's query
+    positions and its key windows' positions and validity."""
+    query_positions, key_positions, key_valid = layout
+    width = ops.shape(key_positions)[2] // ops.shape(query_positions)[2]
+    return (run_of(query_positions, s, run),
+            run_of(key_positions, s, run * width),
+            run_of(key_valid, s, run * width))
+
+
+def _run_rows(inputs, query_positions, key_positions):
+    """A run's rows of `inputs` `(query_key, keys, values)`: its queries and
+    its key windows' keys and values."""
+    query_key, keys, values = inputs
+    return (take_rows(query_key, query_positions),
+            take_rows(keys, key_positions),
+            take_rows(values, key_positions))
 
 
 def _default_num_buckets(length, chunk_length):

@@ -45,15 +45,24 @@ def gather_rows(x, index, inverse, copies=1):
 
     def backward(residuals, output_grads):
         inverse, shape = residuals
-        gathered = take_rows(output_grads[0], inverse)
-        if copies > 1:
-            gathered = ops.sum(ops.reshape(
-                gathered, (shape[0], shape[1], copies) + tuple(shape[2:])),
-                axis=2)
-        return gathered, None, None
+        return (gathered_back(output_grads[0], inverse, shape, copies),
+                None, None)
 
     (outputs,) = with_custom_gradient(forward, backward)(x, index, inverse)
     return outputs
+
+
+def gathered_back(rows, inverse, shape, copies=1):
+    """What `gather_rows` sends back to `x` (shape `shape`) of `rows`
+    shaped like its result: `rows` gathered at `inverse`, summed over the
+    copies. `gather_rows`'s gradient, and the sum of the gradients that
+    its result's rows carry to the rows of `x` they came from."""
+    gathered = take_rows(rows, inverse)
+    if copies > 1:
+        gathered = ops.sum(ops.reshape(
+            gathered, (shape[0], shape[1], copies) + tuple(shape[2:])),
+            axis=2)
+    return gathered
 
 
 def take_rows(x, index):

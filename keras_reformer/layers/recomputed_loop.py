@@ -5,7 +5,10 @@ and attention in runs of chunks all compute a layer as a loop over parts
 whose intermediates are large. `recomputed_loop` runs such a loop forward
 keeping none of them; its backward pass runs the loop again, recomputing
 each step and pulling that step's share of the output gradient back to the
-inputs. At most one step's intermediates are alive at a time.
+inputs. At most one step's intermediates are alive at a time. A step may
+instead keep a few small results of its forward pass and differentiate
+itself from them (`step_backward`: LSH head groups keep their attention
+outputs and recompute only the scores).
 """
 
 from keras import ops
@@ -51,7 +54,8 @@ def _add_to_step_slice(x, update, i, size, axis):
 
 
 def recomputed_loop(step_fn, inputs, steps, size, slicing=None,
-                    result_axes=(None,), layout=(), seed=None):
+                    result_axes=(None,), layout=(), seed=None,
+                    step_backward=None, saved_axes=()):
     """Runs `step_fn` for each step, recomputing each in the backward pass.
 
     Args:
@@ -70,6 +74,15 @@ def recomputed_loop(step_fn, inputs, steps, size, slicing=None,
         layout: tuple of tensors the steps read but that take no gradient
             (integer positions, masks).
         seed: None (no randomness) or a seed tensor.
+        step_backward: None (each step's gradient is the autodiff of
+            `step_fn`, recomputed), or `step_backward(i, views, layout,
+            seed, saved, result_grads)` returning the gradients of step
+            `i`'s views. `step_fn` then returns its results followed by one
+            tensor per entry of `saved_axes`, kept for the backward pass
+            (the steps' laid end to end along that axis) and passed on as
+            step `i`'s `saved` (slices); `result_grads` are its share of
+            the results' gradients.
+        saved_axes: the axis of each saved tensor that holds the steps.
 
     Returns:
         The tuple of results.
@@ -102,35 +115,50 @@ def recomputed_loop(step_fn, inputs, steps, size, slicing=None,
         widths[axis] = [0, (steps - 1) * size]
         return ops.pad(result, widths)
 
+    all_axes = tuple(result_axes) + tuple(saved_axes)
+    num_results = len(result_axes)
+
     def forward(seed, *tensors):
         inputs, layout = list(tensors[:num_inputs]), tensors[num_inputs:]
         results = [place(r, axis) for r, axis in zip(
-            run_step(0, inputs, layout, seed), result_axes)]
-        result_specs[:] = [(ops.shape(r), r.dtype) for r in results]
+            run_step(0, inputs, layout, seed), all_axes)]
+        result_specs[:] = [(ops.shape(r), r.dtype)
+                           for r in results[:num_results]]
 
         def body(i, results):
             return [total + r if axis is None else ops.slice_update(
                 total, [0] * axis + [i * size]
                 + [0] * (len(r.shape) - axis - 1), r)
                 for total, r, axis in zip(
-                    results, run_step(i, inputs, layout, seed), result_axes)]
+                    results, run_step(i, inputs, layout, seed), all_axes)]
 
         results = ops.fori_loop(1, steps, body, results)
-        return tuple(results), (seed, inputs, layout)
+        return tuple(results[:num_results]), (
+            seed, inputs, layout, results[num_results:])
 
     def backward(residuals, result_grads):
-        seed, inputs, layout = residuals
+        seed, inputs, layout, saved = residuals
         # TensorFlow passes None for an unused result.
         result_grads = [ops.zeros(*spec) if g is None else g
                         for g, spec in zip(result_grads, result_specs)]
 
         def body(i, grads):
-            _, step_grads = value_and_vjp(
-                lambda *views: step_fn(i, list(views), list(layout),
-                                       seed if has_seed else None),
-                step_views(inputs, i, size, slicing),
-                tuple(g if axis is None else _step_slice(g, i, size, axis)
-                      for g, axis in zip(result_grads, result_axes)))
+            views = step_views(inputs, i, size, slicing)
+            step_result_grads = tuple(
+                g if axis is None else _step_slice(g, i, size, axis)
+                for g, axis in zip(result_grads, result_axes))
+            step_seed = seed if has_seed else None
+            if step_backward is None:
+                _, step_grads = value_and_vjp(
+                    lambda *views: step_fn(i, list(views), list(layout),
+                                           step_seed),
+                    views, step_result_grads)
+            else:
+                step_grads = step_backward(
+                    i, views, list(layout), step_seed,
+                    [_step_slice(x, i, size, axis)
+                     for x, axis in zip(saved, saved_axes)],
+                    step_result_grads)
             return [g + r if how is None else
                     _add_to_step_slice(g, r, i, size, how[0])
                     for g, r, how in zip(grads, step_grads, slicing)]
