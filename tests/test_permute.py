@@ -10,6 +10,7 @@ from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.permute import inverse_permutation
 from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
@@ -61,6 +62,13 @@ def test_take_rows_broadcasts_the_index_like_numpy(index_batch, index_heads):
     expected = np.take_along_axis(
         x, np.broadcast_to(index, (2, 3, 4))[..., None], axis=2)
     assert_close(take_rows(x, index), expected, atol=0)
+
+
+def test_inverse_permutation_equals_numpys_argsort():
+    rng = np.random.RandomState(0)
+    order = np.argsort(rng.rand(2, 3, 4, 9), axis=-1).astype("int32")
+    assert_close(inverse_permutation(order), np.argsort(order, axis=-1),
+                 atol=0)
 
 
 def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():

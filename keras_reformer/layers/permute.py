@@ -56,6 +56,31 @@ def gather_rows(x, index, inverse, copies=1):
     return outputs
 
 
+def inverse_permutation(order):
+    """The inverse of each permutation `order` `(..., n)` int32 along its
+    last axis: entry `order[..., j]` of the result is `j`.
+
+    On TensorFlow a scatter of the positions (XLA's CPU sort, which
+    `argsort` is, costs about 120 ns an element: 90 ms for 8 heads, 4
+    rounds and 16,384 tokens, the scatter 1 ms); elsewhere `argsort`.
+
+    Example:
+    >>> ops.convert_to_numpy(inverse_permutation(ops.array([[2, 0, 1]])))
+    array([[1, 2, 0]], dtype=int32)
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.cast(ops.argsort(order, axis=-1), "int32")
+    import tensorflow as tf
+
+    shape = tf.shape(order)
+    rows = tf.reshape(order, (-1, shape[-1]))
+    row = tf.broadcast_to(tf.range(tf.shape(rows)[0])[:, None],
+                          tf.shape(rows))
+    slots = tf.broadcast_to(tf.range(shape[-1])[None], tf.shape(rows))
+    return tf.reshape(tf.scatter_nd(tf.stack([row, rows], -1), slots,
+                                    tf.shape(rows)), shape)
+
+
 def take_rows(x, index):
     """`x` `(batch, heads, rows, ...)` at `index` `(batch, heads, n)` along
     axis 2 (`index` may have 1 for `batch` or `heads`, broadcast); plain
