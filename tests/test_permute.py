@@ -10,6 +10,8 @@ from keras_reformer.layers import FullSelfAttention
 from keras_reformer.layers import lsh_self_attention
 from keras_reformer.layers.chunked_attention import dividing_runs
 from keras_reformer.layers.permute import gather_rows
+from keras_reformer.layers.permute import inverse_permutation
+from keras_reformer.layers.permute import order_by_key
 from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import step_views
 from keras_reformer.layers.seeds import seed_tensor
@@ -61,6 +63,27 @@ def test_take_rows_broadcasts_the_index_like_numpy(index_batch, index_heads):
     expected = np.take_along_axis(
         x, np.broadcast_to(index, (2, 3, 4))[..., None], axis=2)
     assert_close(take_rows(x, index), expected, atol=0)
+
+
+def test_inverse_permutation_equals_numpys_argsort():
+    rng = np.random.RandomState(0)
+    order = np.argsort(rng.rand(2, 3, 4, 9), axis=-1).astype("int32")
+    assert_close(inverse_permutation(order), np.argsort(order, axis=-1),
+                 atol=0)
+
+
+@pytest.mark.parametrize("num_keys", [5, 2**28 + 1])
+def test_order_by_key_equals_numpys_lexsort(num_keys):
+    """Small key counts take the combined-key sort; at `2**28 + 1` keys
+    and 16 positions the combined key would overflow int32 (the padding
+    bucket at 256K tokens does) and the stable argsort is taken."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 4, (2, 3, 16)).astype("int32")
+    keys[..., ::5] = num_keys - 1
+    order = ops.convert_to_numpy(order_by_key(ops.array(keys), num_keys))
+    positions = np.broadcast_to(np.arange(16), keys.shape)
+    expected = np.lexsort((positions, keys), axis=-1)
+    np.testing.assert_array_equal(order, expected)
 
 
 def test_lsh_gradients_equal_full_attention_when_one_chunk_spans():

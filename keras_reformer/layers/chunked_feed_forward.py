@@ -7,7 +7,7 @@ from keras_reformer.layers.custom_gradient import tensor_values
 from keras_reformer.layers.projection import effective_kernel
 from keras_reformer.layers.projection import projection
 from keras_reformer.layers.recomputed_loop import recomputed_loop
-from keras_reformer.layers.seeds import TensorSeed
+from keras_reformer.layers.seeds import dropout
 from keras_reformer.layers.seeds import draw_seed
 from keras_reformer.layers.seeds import fold_seed
 from keras_reformer.layers.seeds import offset_seed
@@ -97,12 +97,10 @@ class ChunkedFeedForward(keras.layers.Layer):
         kernel_1, bias_1, kernel_2, bias_2 = weights
         hidden = self.activation(ops.matmul(x, kernel_1) + bias_1)
         if training and self.dropout:
-            hidden = keras.random.dropout(
-                hidden, self.dropout, seed=TensorSeed(fold_seed(seed, 0)))
+            hidden = dropout(hidden, self.dropout, fold_seed(seed, 0))
         outputs = ops.matmul(hidden, kernel_2) + bias_2
         if training and self.dropout:
-            outputs = keras.random.dropout(
-                outputs, self.dropout, seed=TensorSeed(fold_seed(seed, 1)))
+            outputs = dropout(outputs, self.dropout, fold_seed(seed, 1))
         return outputs
 
     def call(self, inputs, training=None, seed=None):

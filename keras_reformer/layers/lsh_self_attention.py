@@ -19,6 +19,8 @@ from keras_reformer.layers.memory_plan import check_plan_option
 from keras_reformer.layers.memory_plan import plan
 from keras_reformer.layers.permute import gather_rows
 from keras_reformer.layers.permute import gathered_back
+from keras_reformer.layers.permute import inverse_permutation
+from keras_reformer.layers.permute import order_by_key
 from keras_reformer.layers.permute import take_rows
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 from keras_reformer.layers.self_attention_base import SelfAttentionBase
@@ -357,10 +359,8 @@ class LSHSelfAttention(SelfAttentionBase):
         pad_bucket = hashing.total_buckets(self.resolved_num_buckets)
         valid = ops.broadcast_to(valid[:, None, :], (batch, heads, length))
         buckets = ops.where(valid[:, :, None, :], buckets, pad_bucket)
-        # One sort per round by the unique key (bucket, position).
-        positions = ops.arange(length, dtype="int32")
-        sort_keys = buckets * length + positions
-        sorted_positions = ops.cast(ops.argsort(sort_keys, axis=-1), "int32")
+        # One sort per round by (bucket, position).
+        sorted_positions = order_by_key(buckets, pad_bucket + 1)
         # Real tokens sort first in every round; lay the rounds' chunks that
         # hold real tokens out first, so padding never enters the ring.
         layout = _RealChunksFirst(
@@ -372,7 +372,7 @@ class LSHSelfAttention(SelfAttentionBase):
         # Where each (round, position) lands in the new sequence, and which
         # (round, position) each place of it holds: the two permutations
         # and their inverses, for gathers in both directions.
-        slots = ops.cast(ops.argsort(sorted_positions, axis=-1), "int32")
+        slots = inverse_permutation(sorted_positions)
         undo = ops.reshape(layout.destinations(slots),
                            (batch, heads, num_hashes * length))
         rounds = (layout.sources() // length)[:, None, :]

@@ -65,6 +65,66 @@ def gathered_back(rows, inverse, shape, copies=1):
     return gathered
 
 
+def inverse_permutation(order):
+    """The inverse of each permutation `order` `(..., n)` int32 along its
+    last axis: entry `order[..., j]` of the result is `j`.
+
+    On TensorFlow a scatter of the positions (XLA's CPU sort, which
+    `argsort` is, costs about 120 ns an element: 90 ms for 8 heads, 4
+    rounds and 16,384 tokens, the scatter 1 ms); elsewhere `argsort`.
+
+    Example:
+    >>> ops.convert_to_numpy(inverse_permutation(ops.array([[2, 0, 1]])))
+    array([[1, 2, 0]], dtype=int32)
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.cast(ops.argsort(order, axis=-1), "int32")
+    import tensorflow as tf
+
+    shape = tf.shape(order)
+    rows = tf.reshape(order, (-1, shape[-1]))
+    row = tf.broadcast_to(tf.range(tf.shape(rows)[0])[:, None],
+                          tf.shape(rows))
+    slots = tf.broadcast_to(tf.range(shape[-1])[None], tf.shape(rows))
+    return tf.reshape(tf.scatter_nd(tf.stack([row, rows], -1), slots,
+                                    tf.shape(rows)), shape)
+
+
+def order_by_key(keys, num_keys):
+    """The positions of each row of `keys` `(..., n)` int32 (values in
+    `[0, num_keys)`) ordered by `(key, position)`.
+
+    When `num_keys * n` fits in int32 (and `n` is known), one sort of the
+    combined keys `key * n + position`, which hold the position; otherwise
+    (256K tokens with the default buckets) a stable argsort of the keys,
+    so that the combined keys never overflow.
+
+    Example:
+    >>> ops.convert_to_numpy(order_by_key(ops.array([[1, 0, 1, 0]]), 2))
+    array([[1, 3, 0, 2]], dtype=int32)
+    """
+    n = keys.shape[-1]
+    if n is not None and num_keys * n <= 2**31:
+        positions = ops.arange(n, dtype="int32")
+        return ops.sort(keys * n + positions, axis=-1) % n
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.argsort(keys, axis=-1, stable=True)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.argsort(keys, axis=-1, stable=True).astype("int32")
+    if backend == "torch":
+        import torch
+
+        return torch.argsort(keys, dim=-1, stable=True).to(torch.int32)
+    import numpy as np
+
+    return np.argsort(keys, axis=-1, kind="stable").astype("int32")
+
+
 def take_rows(x, index):
     """`x` `(batch, heads, rows, ...)` at `index` `(batch, heads, n)` along
     axis 2 (`index` may have 1 for `batch` or `heads`, broadcast); plain

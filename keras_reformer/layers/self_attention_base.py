@@ -8,7 +8,7 @@ from keras_reformer.layers.masks import padding_mask_or_ones
 from keras_reformer.layers.masks import zero_padding
 from keras_reformer.layers.projection import effective_kernel
 from keras_reformer.layers.projection import projection
-from keras_reformer.layers.seeds import TensorSeed
+from keras_reformer.layers.seeds import dropout
 from keras_reformer.layers.validation import check_positive_int
 from keras_reformer.layers.validation import check_rate
 
@@ -155,9 +155,7 @@ class SelfAttentionBase(AttentionLayer):
         """Dropout on attention weights, or None when inactive."""
         if not training or self.dropout == 0.0:
             return None
-        return lambda weights: keras.random.dropout(
-            weights, self.dropout, seed=TensorSeed(seed)
-        )
+        return lambda weights: dropout(weights, self.dropout, seed)
 
     def get_config(self):
         config = super().get_config()
