@@ -118,9 +118,23 @@ class SelfAttentionBase(AttentionLayer):
         The kernel (from `kernels`) is cast to the inputs' dtype: cached
         decoding calls the layer's methods directly, outside Keras's
         mixed-precision autocast.
+
+        On JAX, one matrix product whose rows are positions, its heads
+        split off afterwards: from the einsum `blh,hnd->bnld`, XLA's CPU
+        compiler computes the transposed product (positions last), and the
+        row gathers into the sorted order then read each row of 64
+        features with a stride of the whole length. TensorFlow's einsum
+        already computes rows of positions.
         """
-        return ops.einsum("blh,hnd->bnld", inputs,
-                          ops.cast(kernel, inputs.dtype))
+        kernel = ops.cast(kernel, inputs.dtype)
+        if keras.backend.backend() != "jax":
+            return ops.einsum("blh,hnd->bnld", inputs, kernel)
+        batch, length, hidden = ops.shape(inputs)
+        heads, head_dim = kernel.shape[1], kernel.shape[2]
+        rows = ops.matmul(ops.reshape(inputs, (-1, hidden)),
+                          ops.reshape(kernel, (hidden, heads * head_dim)))
+        return ops.transpose(ops.reshape(
+            rows, (batch, length, heads, head_dim)), (0, 2, 1, 3))
 
     def merge_heads(self, outputs, valid, kernel):
         """`(batch, heads, length, head_dim)` -> `(batch, length, hidden)`
