@@ -32,11 +32,11 @@ def looped():
 def test_products_in_loops_count_once_per_trip(looped):
     head_dim, rounds, window = 64, 4, 128
     # The backward pass of the loop over heads recomputes each head's
-    # query-key and value projections and attention; the loop over runs of
-    # chunks inside it recomputes the attention once more.
+    # query-key and value projections and its attention scores (not the
+    # weighted values: the forward's outputs and log-sum-exps are kept).
     projection = 2 * LENGTH * (HEADS * head_dim) * head_dim * HEADS
-    attention = 2 * 2 * LENGTH * window * head_dim * rounds * HEADS
-    recomputed = 2 * projection + 2 * attention
+    scores = 2 * LENGTH * window * head_dim * rounds * HEADS
+    recomputed = 2 * projection + scores
     # TensorFlow's XLA also keeps the softmax's and the rounds' row sums in
     # the backward pass as matrix-vector products.
     row_sums = 2 * 2 * LENGTH * head_dim * rounds * HEADS
