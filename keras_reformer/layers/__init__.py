@@ -11,6 +11,7 @@ from keras_reformer.layers.layer_norm import LeanLayerNormalization
 from keras_reformer.layers.linformer_self_attention import LinformerSelfAttention
 from keras_reformer.layers.local_self_attention import LocalSelfAttention
 from keras_reformer.layers.lsh_self_attention import LSHSelfAttention
+from keras_reformer.layers.philox_dropout import PhiloxDropout
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack

@@ -8,6 +8,7 @@ from keras_reformer.layers.axial_position_embedding import AxialPositionEmbeddin
 from keras_reformer.layers.chunked_feed_forward import DEFAULT_CHUNK_LENGTH
 from keras_reformer.layers.chunked_feed_forward import ChunkedFeedForward
 from keras_reformer.layers.layer_norm import LeanLayerNormalization
+from keras_reformer.layers.philox_dropout import PhiloxDropout
 from keras_reformer.layers.pre_norm_branch import PreNormBranch
 from keras_reformer.layers.reversible import ReversibleBlock
 from keras_reformer.layers.reversible import ReversibleStack
@@ -102,7 +103,7 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
             vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding")
         self.position_embedding = AxialPositionEmbedding(
             axial_shape, axial_dims, dtype=dtype, name="position_embedding")
-        self.embedding_dropout = keras.layers.Dropout(
+        self.embedding_dropout = PhiloxDropout(
             dropout, dtype=dtype, name="embedding_dropout")
         shared = {}  # weights that several attention layers share
         self.reversible_stack = ReversibleStack([
@@ -128,7 +129,7 @@ class ReformerBackbone(TransformersPresets, TokenInputsMixin,
         ], seed=seed, dtype=dtype, name="reversible_stack")
         self.final_norm = LeanLayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm")
-        self.final_dropout = keras.layers.Dropout(
+        self.final_dropout = PhiloxDropout(
             dropout, dtype=dtype, name="final_dropout")
 
         # === Functional Model ===

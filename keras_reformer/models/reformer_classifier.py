@@ -4,6 +4,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_reformer.layers.philox_dropout import PhiloxDropout
 from keras_reformer.models.reformer_backbone import ReformerBackbone
 from keras_reformer.models.reformer_task import ReformerTask
 
@@ -54,7 +55,7 @@ class ReformerClassifier(ReformerTask, keras_hub.models.TextClassifier):
         self.preprocessor = preprocessor
         self.pooling = MaskedMeanPooling(dtype=backbone.dtype_policy,
                                          name="pooling")
-        self.output_dropout = keras.layers.Dropout(
+        self.output_dropout = PhiloxDropout(
             dropout, dtype=backbone.dtype_policy, name="output_dropout")
         self.output_dense = keras.layers.Dense(
             num_classes, activation=activation,
