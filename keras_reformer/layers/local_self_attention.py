@@ -54,7 +54,7 @@ class LocalSelfAttention(KeyValueAttention):
             * chunk_length`, are at most `2**24` (up to 16,384 tokens with 8
             heads, chunks of 64 and one chunk of look-back), else the fewest
             runs dividing the chunks that keep each run's within `2**24`
-            (`2**21` on JAX); all at once when the length is unknown while
+            (`2**18` on JAX); all at once when the length is unknown while
             tracing.
 
     Example:

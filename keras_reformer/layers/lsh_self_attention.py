@@ -79,9 +79,10 @@ class LSHSelfAttention(SelfAttentionBase):
             when the layer is traced (`memory_plan.plan`): all heads while
             their chunk scores, `num_heads * num_hashes * length *
             (num_chunks_before + 1 + num_chunks_after) * chunk_length`,
-            are at most `2**24` (up to 4,096 tokens with 8 heads, 4 rounds,
-            chunks of 64 and one chunk of look-back), else one head at a
-            time; all heads when the length is unknown while tracing.
+            are at most `2**24` on TensorFlow (up to 4,096 tokens with 8
+            heads, 4 rounds, chunks of 64 and one chunk of look-back) and
+            `2**18` on JAX, else one head at a time; all heads when the
+            length is unknown while tracing.
         segments: `"auto"`, None (the whole sorted sequence at once) or an
             int: attend that many equal runs of chunks one after another,
             and recompute each run's attention in the backward pass; the
@@ -92,10 +93,11 @@ class LSHSelfAttention(SelfAttentionBase):
             tracing). `"auto"`: one run while all heads' scores fit `2**24`;
             else the fewest runs dividing the chunks that keep each run's
             scores (of the heads attended at a time) within `2**24` on
-            TensorFlow and `2**21` on JAX, where smaller runs measured
+            TensorFlow and `2**18` on JAX, where smaller runs measured
             faster (one head at a time in the configuration above: at
-            16,384 tokens one run, 4 on JAX; 65,536: 2, 16 on JAX;
-            1,048,576: 32, 256 on JAX).
+            1,024 tokens 2 runs on JAX; 4,096: 8 on JAX; 16,384: one run,
+            32 on JAX; 65,536: 2, 128 on JAX; 1,048,576: 32, 2,048 on
+            JAX).
 
     Example:
     >>> layer = LSHSelfAttention(num_heads=2, head_dim=16, chunk_length=8,

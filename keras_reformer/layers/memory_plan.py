@@ -11,15 +11,17 @@ AUTO = "auto"
 # step, each query times its window of keys) that the automatic plan
 # attends at once: 2**24 float32 scores are 64 MiB.
 STEP_SCORES = 2**24
-# On JAX, runs of chunks as small as this were faster than larger ones
-# (XLA:CPU's loop of runs beside one head at a time, at 4K and 16K tokens);
-# on TensorFlow each run costs time, and runs start above STEP_SCORES.
-JAX_RUN_SCORES = 2**21
+# On JAX, one head at a time in runs of chunks as small as this was the
+# fastest setting of the LSH layer (XLA:CPU, 1K to 16K tokens; 2**17 and
+# 2**19 were slower) and as fast as all at once for local attention; on
+# TensorFlow each run costs time, and head groups and runs start above
+# STEP_SCORES.
+JAX_RUN_SCORES = 2**18
 
 
 def run_scores():
-    """The most scores per run of chunks that the automatic plan allows
-    with more than one run: `JAX_RUN_SCORES` on JAX, else `STEP_SCORES`."""
+    """The most scores per step of a head group or run of chunks that the
+    automatic plan allows: `JAX_RUN_SCORES` on JAX, else `STEP_SCORES`."""
     if keras.backend.backend() == "jax":
         return min(JAX_RUN_SCORES, STEP_SCORES)
     return STEP_SCORES
@@ -45,11 +47,11 @@ def plan(parallel_heads, segments, num_heads, scores_per_head, num_chunks):
     """Heads and runs of chunks attended at a time.
 
     `"auto"` chooses from the sizes: all heads at once while one step's
-    scores (`heads * scores_per_head / runs`) stay within `STEP_SCORES`,
+    scores (`heads * scores_per_head / runs`) stay within `run_scores()`,
     else one head at a time (less memory than any larger group, and as
     fast or faster in the measurements); then all chunks at once when all
-    heads fit, else the fewest runs dividing `num_chunks` that keep each
-    run's scores within `run_scores()`. When the length is unknown while
+    heads fit in `STEP_SCORES`, else the fewest runs dividing
+    `num_chunks` that keep each run's scores within `run_scores()`. When the length is unknown while
     tracing (`scores_per_head` a tensor), `"auto"` means all at once.
 
     Args:
@@ -71,7 +73,7 @@ def plan(parallel_heads, segments, num_heads, scores_per_head, num_chunks):
     if group == AUTO:
         fixed_runs = runs if isinstance(runs, int) else 1
         group = num_heads if not known or (
-            num_heads * scores_per_head <= STEP_SCORES * fixed_runs) else 1
+            num_heads * scores_per_head <= run_scores() * fixed_runs) else 1
     if group is not None and group >= num_heads:
         group = None
     if runs == AUTO:
