@@ -300,6 +300,21 @@ def test_empty_batch_and_length_one_work():
         assert out.shape == shape + (50,) and np.all(np.isfinite(out))
 
 
+@pytest.mark.parametrize("options", [
+    {"parallel_heads": 1}, {"parallel_heads": 1, "segments": 2}])
+def test_an_empty_batch_keeps_its_shape_through_head_groups(options):
+    layer = LSHSelfAttention(2, 8, chunk_length=4, num_hashes=2, **options)
+    x = tf.zeros((0, 32, 16))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        outputs = layer(x, training=True)
+    grads = tape.gradient(outputs, [x] + layer.trainable_variables)
+    assert outputs.shape == (0, 32, 16) and grads[0].shape == (0, 32, 16)
+    for grad, weight in zip(grads[1:], layer.trainable_variables):
+        assert grad.shape == weight.shape
+        np.testing.assert_array_equal(grad, 0)
+
+
 def test_out_of_range_token_ids_poison_outputs_under_xla():
     """XLA drops assertions; the bad sequence's logits are NaN instead of
     plausible numbers, the other sequences are unaffected."""

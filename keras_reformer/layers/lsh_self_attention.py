@@ -575,7 +575,8 @@ class LSHSelfAttention(SelfAttentionBase):
             self.num_chunks_before + 1 + self.num_chunks_after)
         # Each sorted slot's share: the weight of its round.
         slot_weights = take_rows(
-            ops.reshape(round_weights, (batch, heads, -1)), redo)
+            ops.reshape(round_weights, (batch, heads,
+                                        self.num_hashes * length)), redo)
         layout = (flat_positions, key_positions, key_valid)
 
         def slot_grads(s, run, rows, seed):
