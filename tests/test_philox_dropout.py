@@ -1,5 +1,8 @@
 """PhiloxDropout against dropout's definition and Keras's layer."""
 
+import os
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +10,9 @@ import pytest
 from keras_reformer.layers import PhiloxDropout
 from tests.helpers import to_numpy
 from tests.helpers import value_and_grads
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "benchmarks")
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
@@ -70,3 +76,18 @@ def test_noise_shape_is_kerass_and_config_round_trips():
     clone = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(clone, PhiloxDropout)
     assert (clone.rate, clone.noise_shape, clone.seed) == (0.5, (2, 1), 5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="benchmarks/dropout_xla.py measures TensorFlow")
+def test_dropout_benchmark_measures_both_layers_dropping_at_the_rate():
+    sys.path.insert(0, BENCHMARKS)
+    import dropout_xla
+
+    lines = dropout_xla.main(["--length", "64", "--width", "256",
+                              "--rate", "0.5", "--repeats", "1"])
+    assert [line["layer"] for line in lines] == ["keras_dropout",
+                                                 "philox_dropout"]
+    sigma = np.sqrt(0.25 / (64 * 256))
+    for line in lines:
+        assert abs(line["kept"] - 0.5) < 5 * sigma and line["ms"] > 0
