@@ -21,7 +21,8 @@ import tensorflow as tf  # noqa: E402
 from isolated import timed_calls  # noqa: E402
 from keras_reformer.layers import PhiloxDropout  # noqa: E402
 
-LAYERS = {"keras_dropout": keras.layers.Dropout, "philox_dropout": PhiloxDropout}
+LAYERS = {"keras_dropout": keras.layers.Dropout,
+          "philox_dropout": PhiloxDropout}
 
 
 def measure(name, length, width, rate, repeats):

@@ -51,8 +51,8 @@ def plan(parallel_heads, segments, num_heads, scores_per_head, num_chunks):
     else one head at a time (less memory than any larger group, and as
     fast or faster in the measurements); then all chunks at once when all
     heads fit in `STEP_SCORES`, else the fewest runs dividing
-    `num_chunks` that keep each run's scores within `run_scores()`. When the length is unknown while
-    tracing (`scores_per_head` a tensor), `"auto"` means all at once.
+    `num_chunks` that keep each run's scores within `run_scores()`. When
+    the length is unknown while tracing (`scores_per_head` a tensor), `"auto"` means all at once.
 
     Args:
         parallel_heads: `"auto"`, None (all heads) or an int dividing

@@ -107,22 +107,13 @@ def order_by_key(keys, num_keys):
     if n is not None and num_keys * n <= 2**31:
         positions = ops.arange(n, dtype="int32")
         return ops.sort(keys * n + positions, axis=-1) % n
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
+    if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         return tf.argsort(keys, axis=-1, stable=True)
-    if backend == "jax":
-        import jax.numpy as jnp
+    import jax.numpy as jnp
 
-        return jnp.argsort(keys, axis=-1, stable=True).astype("int32")
-    if backend == "torch":
-        import torch
-
-        return torch.argsort(keys, dim=-1, stable=True).to(torch.int32)
-    import numpy as np
-
-    return np.argsort(keys, axis=-1, kind="stable").astype("int32")
+    return jnp.argsort(keys, axis=-1, stable=True).astype("int32")
 
 
 def take_rows(x, index):

@@ -79,9 +79,9 @@ def recomputed_loop(step_fn, inputs, steps, size, slicing=None,
             seed, saved, result_grads)` returning the gradients of step
             `i`'s views. `step_fn` then returns its results followed by one
             tensor per entry of `saved_axes`, kept for the backward pass
-            (the steps' tensors laid end to end along that axis) and passed on as
-            step `i`'s `saved` (slices); `result_grads` are its share of
-            the results' gradients.
+            (the steps' tensors laid end to end along that axis) and
+            passed on as step `i`'s `saved` (slices); `result_grads` are
+            its share of the results' gradients.
         saved_axes: the axis of each saved tensor that holds the steps.
 
     Returns:

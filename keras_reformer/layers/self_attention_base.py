@@ -162,7 +162,8 @@ class SelfAttentionBase(AttentionLayer):
         rows = ops.reshape(ops.transpose(outputs, (0, 2, 1, 3)),
                            (-1, features))
         hidden = ops.shape(kernel)[-1]
-        kernel = ops.reshape(ops.cast(kernel, outputs.dtype), (features, hidden))
+        kernel = ops.reshape(ops.cast(kernel, outputs.dtype),
+                             (features, hidden))
         return ops.reshape(ops.matmul(rows, kernel), (batch, length, hidden))
 
     def dropout_fn(self, training, seed):
