@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.custom_gradient import with_custom_gradient
+from keras_reformer.layers.products import float32_matmul
 from keras_reformer.layers.recomputed_loop import recomputed_loop
 
 
@@ -108,8 +109,8 @@ def _attention_forward(queries, keys, values, replacements, factors=None):
     None, or the dropout's factor for each weight."""
     kept, weights, logsumexp = _softmax(queries, keys, replacements)
     dropped = weights if factors is None else weights * factors
-    outputs = ops.einsum(
-        "...qk,...kd->...qd", ops.cast(dropped, values.dtype), values)
+    outputs = ops.cast(float32_matmul(ops.cast(dropped, values.dtype),
+                                      values), values.dtype)
     residuals = (queries, keys, values, kept, factors, weights, outputs)
     return (outputs, logsumexp), residuals
 
@@ -120,8 +121,8 @@ def _softmax(queries, keys, replacements):
     `kept` True where the raw score was kept."""
     kept = ops.equal(replacements, ops.zeros((), replacements.dtype))
     scores = ops.where(
-        kept, ops.einsum("...qd,...kd->...qk", queries, keys), replacements)
-    scores = ops.cast(scores, "float32")
+        kept, float32_matmul(queries, keys, transpose_right=True),
+        ops.cast(replacements, "float32"))
     # Normalise by the sum after subtracting the maximum rather than by
     # exp(logsumexp): with scores near the -1e5 self-mask value, float32
     # cannot hold logsumexp precisely enough for weights that sum to one.
@@ -152,8 +153,7 @@ def _attention_backward(residuals, output_grads):
     dropped = weights if factors is None else weights * factors
     value_grad = ops.einsum("...qk,...qd->...kd",
                             ops.cast(dropped, values.dtype), output_grad)
-    weight_grad = ops.cast(ops.einsum(
-        "...qd,...kd->...qk", output_grad, values), "float32")
+    weight_grad = float32_matmul(output_grad, values, transpose_right=True)
     if factors is not None:
         weight_grad = weight_grad * factors
     through_weights = ops.einsum(
@@ -165,7 +165,7 @@ def _attention_backward(residuals, output_grads):
     score_grad = weights * (weight_grad - ops.expand_dims(through_weights,
                                                           -1))
     score_grad = ops.cast(ops.where(kept, score_grad, 0.0), queries.dtype)
-    query_grad = ops.einsum("...qk,...kd->...qd", score_grad, keys)
+    query_grad = ops.cast(float32_matmul(score_grad, keys), queries.dtype)
     key_grad = ops.einsum("...qk,...qd->...kd", score_grad, queries)
     masks_grads = (None,) if factors is None else (None, None)
     return (query_grad, key_grad, value_grad) + masks_grads

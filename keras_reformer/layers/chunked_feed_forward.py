@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_reformer.layers.custom_gradient import tensor_values
+from keras_reformer.layers.products import matmul
 from keras_reformer.layers.projection import effective_kernel
 from keras_reformer.layers.projection import projection
 from keras_reformer.layers.recomputed_loop import recomputed_loop
@@ -95,10 +96,10 @@ class ChunkedFeedForward(keras.layers.Layer):
     def feed_forward(self, x, weights, training=False, seed=None):
         """The unchunked feed-forward of `x` with explicit `weights`."""
         kernel_1, bias_1, kernel_2, bias_2 = weights
-        hidden = self.activation(ops.matmul(x, kernel_1) + bias_1)
+        hidden = self.activation(matmul(x, kernel_1) + bias_1)
         if training and self.dropout:
             hidden = dropout(hidden, self.dropout, fold_seed(seed, 0))
-        outputs = ops.matmul(hidden, kernel_2) + bias_2
+        outputs = matmul(hidden, kernel_2) + bias_2
         if training and self.dropout:
             outputs = dropout(outputs, self.dropout, fold_seed(seed, 1))
         return outputs

@@ -6,6 +6,7 @@ from keras import ops
 from keras_reformer.layers.attention_layer import AttentionLayer
 from keras_reformer.layers.masks import padding_mask_or_ones
 from keras_reformer.layers.masks import zero_padding
+from keras_reformer.layers.products import matmul
 from keras_reformer.layers.projection import effective_kernel
 from keras_reformer.layers.projection import projection
 from keras_reformer.layers.seeds import dropout
@@ -124,15 +125,17 @@ class SelfAttentionBase(AttentionLayer):
         compiler computes the transposed product (positions last), and the
         row gathers into the sorted order then read each row of 64
         features with a stride of the whole length. TensorFlow's einsum
-        already computes rows of positions.
+        already computes rows of positions; under bfloat16 its rows too
+        are one product, on the CPU's bfloat16 kernels (see `products`).
         """
         kernel = ops.cast(kernel, inputs.dtype)
-        if keras.backend.backend() != "jax":
+        if keras.backend.backend() != "jax" and (
+                keras.backend.standardize_dtype(inputs.dtype) != "bfloat16"):
             return ops.einsum("blh,hnd->bnld", inputs, kernel)
         batch, length, hidden = ops.shape(inputs)
         heads, head_dim = kernel.shape[1], kernel.shape[2]
-        rows = ops.matmul(ops.reshape(inputs, (-1, hidden)),
-                          ops.reshape(kernel, (hidden, heads * head_dim)))
+        rows = matmul(ops.reshape(inputs, (-1, hidden)),
+                      ops.reshape(kernel, (hidden, heads * head_dim)))
         return ops.transpose(ops.reshape(
             rows, (batch, length, heads, head_dim)), (0, 2, 1, 3))
 
@@ -164,7 +167,7 @@ class SelfAttentionBase(AttentionLayer):
         hidden = ops.shape(kernel)[-1]
         kernel = ops.reshape(ops.cast(kernel, outputs.dtype),
                              (features, hidden))
-        return ops.reshape(ops.matmul(rows, kernel), (batch, length, hidden))
+        return ops.reshape(matmul(rows, kernel), (batch, length, hidden))
 
     def dropout_fn(self, training, seed):
         """Dropout on attention weights, or None when inactive."""
