@@ -11,7 +11,9 @@ held-out batches. The same run measures, in separate processes, the three
 products of a dense layer's training step (forward, input gradient, weight
 gradient) in float32, in bfloat16, and with bfloat16 operands and float32
 results (TensorFlow under XLA and with its own oneDNN kernels; JAX), which
-says where a bfloat16 product is faster on this CPU at all.
+says where a bfloat16 product is faster on this CPU at all, and the whole
+step of such a layer under XLA on TensorFlow with Keras's product and with
+the package's (`keras_reformer.layers.products.matmul`).
 
     python benchmarks/mixed_precision.py --steps 200
     python benchmarks/mixed_precision.py --steps 30 --hidden-dim 512 \
@@ -185,6 +187,57 @@ def product_table(framework, repeats=5):
     return table
 
 
+# A dense layer's training step under XLA on TensorFlow (its three
+# products: forward and both gradients), per column: (operand dtype,
+# product function name).
+DENSE_STEP_VARIANTS = (("float32", "ops.matmul"),
+                       ("bfloat16", "ops.matmul"),
+                       ("bfloat16", "products.matmul"))
+
+
+def dense_step_table(repeats=7):
+    """GFLOP/s of a dense layer's training step, `x @ w` with `x` of
+    `ROWS x INPUTS` and `w` of `INPUTS x OUTPUTS`, and the gradients of
+    `sum(x @ w * g)` with respect to both, under XLA: with Keras's product
+    (bfloat16 results under bfloat16) and with the package's
+    (`keras_reformer.layers.products.matmul`: float32 accumulation on the
+    CPU's bfloat16 kernels). The variants' calls interleaved."""
+    import tensorflow as tf
+    from keras import ops
+
+    from keras_reformer.layers import products
+
+    random = np.random.RandomState(0)
+    arrays = [random.randn(ROWS, INPUTS), random.randn(INPUTS, OUTPUTS) / 20,
+              random.randn(ROWS, OUTPUTS)]
+    calls = {}
+    for dtype, name in DENSE_STEP_VARIANTS:
+        product = products.matmul if name == "products.matmul" else (
+            ops.matmul)
+
+        def step(x, w, g, product=product):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                loss = tf.reduce_sum(tf.cast(product(x, w) * g, "float32"))
+            return tape.gradient(loss, [x, w])
+
+        compiled = tf.function(step, jit_compile=True)
+        tensors = [tf.cast(tf.constant(a, "float32"), dtype) for a in arrays]
+        call = functools.partial(
+            lambda c, t: [v.numpy() for v in c(*t)], compiled, tensors)
+        call()  # compiles
+        calls[f"{dtype} {name}"] = call
+    times = {column: [] for column in calls}
+    for _ in range(repeats):
+        for column, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[column].append(time.perf_counter() - start)
+    return {column: round(3 * 2 * ROWS * INPUTS * OUTPUTS
+                          / np.median(seconds) / 1e9, 1)
+            for column, seconds in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -193,7 +246,12 @@ def main():
     parser.add_argument("--num-heads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=20)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated, of " + ", ".join(VARIANTS)
+                        + " (default: all; on JAX the XLA ones)")
+    parser.add_argument("--backend", choices=["tensorflow", "jax"],
+                        default="tensorflow",
+                        help="the Keras backend that trains the models")
     parser.add_argument("--products", action=argparse.BooleanOptionalAction,
                         default=True, help="measure the matrix products")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -204,7 +262,11 @@ def main():
              "--batch-size", args.batch_size, "--eval-batches",
              args.eval_batches]
     if args.single in ("products_tensorflow", "products_jax"):
-        print(json.dumps(product_table(args.single.split("_")[1])))
+        framework = args.single.split("_")[1]
+        table = product_table(framework)
+        if framework == "tensorflow":
+            table["dense_layer_step"] = dense_step_table()
+        print(json.dumps(table))
         return
     if args.single:
         print(json.dumps(train(args.single.split(","), args)))
@@ -215,13 +277,19 @@ def main():
             "product_gflops": run_single(__file__, f"products_{framework}",
                                          flags, backend=framework)}),
               flush=True)
-    results = run_single(__file__, args.variants, flags,
-                         backend="tensorflow")
+    variants = args.variants or ",".join(
+        variant for variant, (_, jit_compile) in VARIANTS.items()
+        if jit_compile or args.backend == "tensorflow")
+    if args.backend == "jax" and "graph" in variants:
+        parser.error("--variants: JAX compiles with XLA only (the *_xla "
+                     f"variants), not {variants!r}")
+    results = run_single(__file__, variants, flags, backend=args.backend)
     if "error" in results:
         print(json.dumps({"benchmark": "mixed_precision", **results}))
         return
     for variant, result in results.items():
         print(json.dumps({"benchmark": "mixed_precision", "variant": variant,
+                          "backend": args.backend,
                           "policy": VARIANTS[variant][0],
                           "xla": VARIANTS[variant][1],
                           "hidden_dim": args.hidden_dim,

@@ -3,45 +3,67 @@
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_reformer.layers.products import float32_matmul
 from keras_reformer.layers.products import matmul
-
-tf = pytest.importorskip("tensorflow")
-if keras.backend.backend() != "tensorflow":
-    pytest.skip("the bfloat16 kernels are TensorFlow's XLA path",
-                allow_module_level=True)
 
 RANDOM = np.random.RandomState(0)
 INPUTS = RANDOM.randn(2, 24, 16).astype("float32")
 KERNEL = RANDOM.randn(16, 40).astype("float32") / 4
 GRADS = RANDOM.randn(2, 24, 40).astype("float32")
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
 def bfloat16_values(array):
     """The float32 values of `array` rounded to bfloat16."""
-    return tf.cast(tf.cast(array, tf.bfloat16), tf.float32).numpy()
+    return ops.convert_to_numpy(ops.cast(ops.cast(array, "bfloat16"),
+                                         "float32"))
 
 
-def products_and_gradients(inputs, kernel, jit_compile):
-    """`matmul`'s outputs and the gradients of `sum(outputs * GRADS)`,
-    compiled by XLA or not, plus the compiled program's HLO text."""
+def compiled(function, jit_compile, *args):
+    """`function(*args)` as numpy arrays, compiled by XLA or not, and the
+    HLO text of the compiled program ("" when not compiled)."""
+    if ON_TENSORFLOW:
+        import tensorflow as tf
 
-    def step(inputs, kernel):
+        graph = tf.function(function, jit_compile=jit_compile)
+        hlo = graph.experimental_get_compiler_ir(*args)(stage="hlo") if (
+            jit_compile) else ""
+    else:
+        import jax
+
+        graph = jax.jit(function) if jit_compile else function
+        hlo = jax.jit(function).lower(*args).as_text(dialect="hlo") if (
+            jit_compile) else ""
+    results = graph(*args)
+    if not isinstance(results, (list, tuple)):
+        results = [results]
+    return [ops.convert_to_numpy(ops.cast(x, "float32"))
+            for x in results], hlo
+
+
+def hlo_dots(hlo, result_dtype):
+    """The HLO lines of dots with `result_dtype` ("f32", "bf16") results."""
+    return [line for line in hlo.splitlines()
+            if " dot(" in line and f"= {result_dtype}[" in line]
+
+
+def product_and_gradients(inputs, kernel):
+    """`matmul(inputs, kernel)` and the gradients of `sum(outputs * GRADS)`
+    with respect to both."""
+    if ON_TENSORFLOW:
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
             tape.watch([inputs, kernel])
             outputs = matmul(inputs, kernel)
             loss = tf.reduce_sum(tf.cast(outputs, tf.float32) * GRADS)
         return [outputs, *tape.gradient(loss, [inputs, kernel])]
+    import jax
 
-    function = tf.function(step, jit_compile=jit_compile)
-    inputs, kernel = (tf.cast(inputs, tf.bfloat16),
-                      tf.cast(kernel, tf.bfloat16))
-    results = [tf.cast(x, tf.float32).numpy() for x in
-               function(inputs, kernel)]
-    hlo = function.experimental_get_compiler_ir(inputs, kernel)(
-        stage="hlo") if jit_compile else ""
-    return results, hlo
+    outputs, pullback = jax.vjp(matmul, inputs, kernel)
+    return [outputs, *pullback(ops.cast(GRADS, outputs.dtype))]
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])
@@ -51,7 +73,9 @@ def test_bfloat16_product_and_gradients_equal_float32_of_the_same_values(
     grads = bfloat16_values(GRADS)
     expected = [inputs @ kernel, grads @ kernel.T,
                 np.einsum("bli,blo->io", inputs, grads)]
-    actual, hlo = products_and_gradients(INPUTS, KERNEL, jit_compile)
+    actual, hlo = compiled(product_and_gradients, jit_compile,
+                           ops.cast(INPUTS, "bfloat16"),
+                           ops.cast(KERNEL, "bfloat16"))
     for name, value, reference in zip(
             ["outputs", "inputs' gradient", "kernel's gradient"], actual,
             expected):
@@ -61,24 +85,18 @@ def test_bfloat16_product_and_gradients_equal_float32_of_the_same_values(
             value, reference, rtol=2**-7, atol=2**-7 * np.abs(
                 reference).max(), err_msg=name)
     if jit_compile:
-        # All three products: bfloat16 operands, float32 results.
-        assert len(set(hlo_bfloat16_dots(hlo))) >= 3, hlo
-
-
-def hlo_bfloat16_dots(hlo):
-    """The HLO lines of dots with a float32 result of bfloat16 operands."""
-    return [line for line in hlo.splitlines()
-            if " dot(" in line and "= f32[" in line
-            and line.split(" dot(")[1].count("bf16[") == 2]
+        # All three products have float32 results (of the bfloat16
+        # operands: the program converts none of them).
+        assert len(hlo_dots(hlo, "f32")) == 3, hlo
+        assert not hlo_dots(hlo, "bf16"), hlo
 
 
 def test_float32_products_are_plain_products():
-    function = tf.function(matmul, jit_compile=True)
-    actual = function(tf.constant(INPUTS), tf.constant(KERNEL)).numpy()
+    (actual,), hlo = compiled(matmul, True, ops.convert_to_tensor(INPUTS),
+                              ops.convert_to_tensor(KERNEL))
     np.testing.assert_allclose(actual, INPUTS @ KERNEL, rtol=1e-5,
                                atol=1e-5)
-    assert not hlo_bfloat16_dots(function.experimental_get_compiler_ir(
-        tf.constant(INPUTS), tf.constant(KERNEL))(stage="hlo"))
+    assert len(hlo_dots(hlo, "f32")) == 1, hlo
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -89,17 +107,17 @@ def test_float32_matmul_equals_numpy(dtype, jit_compile, transpose_right):
     right = bfloat16_values(RANDOM.randn(3, 2, 7, 4))
     if transpose_right:
         right = np.swapaxes(right, -1, -2).copy()
-    function = tf.function(
+    (actual,), hlo = compiled(
         lambda a, b: float32_matmul(a, b, transpose_right=transpose_right),
-        jit_compile=jit_compile)
-    actual = function(tf.cast(left, dtype), tf.cast(right, dtype))
-    assert actual.dtype == tf.float32
+        jit_compile, ops.cast(left, dtype), ops.cast(right, dtype))
     expected = left @ (np.swapaxes(right, -1, -2) if transpose_right
                        else right)
-    # Exactly representable operands: under XLA the float32 accumulation
-    # keeps the float32 result; TensorFlow's own bfloat16 kernels round it
-    # to bfloat16 (8 bits) before the cast.
-    rounded = dtype == "bfloat16" and not jit_compile
+    # Exactly representable operands: accumulated in float32 on the
+    # bfloat16 kernels, the result stays float32; TensorFlow's own kernels
+    # (outside XLA) round a bfloat16 product to bfloat16 (8 bits) first.
+    rounded = dtype == "bfloat16" and ON_TENSORFLOW and not jit_compile
     tolerance = 2**-7 * np.abs(expected).max() if rounded else 1e-5
-    np.testing.assert_allclose(actual.numpy(), expected, rtol=tolerance,
+    np.testing.assert_allclose(actual, expected, rtol=tolerance,
                                atol=tolerance)
+    if jit_compile:
+        assert len(hlo_dots(hlo, "f32")) == 1, hlo

@@ -1,14 +1,16 @@
 """Matrix products that use the CPU's bfloat16 kernels under XLA.
 
 Under `mixed_bfloat16` a layer's product has bfloat16 operands and, from
-`ops.matmul`, a bfloat16 result. TensorFlow's XLA compiler for the CPU runs
-such a product as a float32 product with conversions around it, never
-faster than float32. A product of bfloat16 operands with a float32 result
-runs on the CPU's AVX512_BF16 kernels instead (1.6-1.9x float32's speed on
-a CPU that has them: `benchmarks/mixed_precision.py`), when its left operand
-is not transposed; the weight gradient `inputs^T @ grads` is therefore
-computed from a transposed copy of the inputs that XLA may not fold back
-into the product (an optimization barrier).
+`ops.matmul`, a bfloat16 result. XLA's compiler for the CPU runs such a
+product as a float32 product with conversions around it, never faster than
+float32. A product of bfloat16 operands with a float32 result runs on the
+CPU's AVX512_BF16 kernels instead (`benchmarks/mixed_precision.py`), when
+both operands lie in the product's own order and carry a batch axis (of
+one, for a plain matrix product): XLA:CPU takes a two-dimensional product,
+or one whose operand it reads transposed, back to float32's speed. So the
+gradients, which contract transposed operands (`grads @ kernel^T`,
+`inputs^T @ grads`), are computed from transposed copies that XLA may not
+fold back into the product (an optimization barrier).
 """
 
 import keras
@@ -20,10 +22,11 @@ from keras_reformer.layers.custom_gradient import with_custom_gradient
 def matmul(inputs, kernel):
     """`inputs @ kernel`, a `(..., k)` tensor times a `(k, n)` kernel.
 
-    With bfloat16 operands inside a TensorFlow function compiled by XLA,
-    the product and both its gradients accumulate in float32 on the CPU's
-    bfloat16 kernels, and the results are rounded to bfloat16 (the inputs'
-    dtype); otherwise this is `ops.matmul`.
+    With bfloat16 operands under XLA (a TensorFlow function compiled with
+    `jit_compile=True`; any JAX computation), the product and both its
+    gradients accumulate in float32 on the CPU's bfloat16 kernels, and the
+    results are rounded to bfloat16 (the inputs' dtype); otherwise this is
+    `ops.matmul`.
 
     Args:
         inputs: tensor `(..., k)`.
@@ -38,7 +41,7 @@ def matmul(inputs, kernel):
     """
     if not _bfloat16_kernels_apply(inputs, kernel):
         return ops.matmul(inputs, kernel)
-    return with_custom_gradient(_bfloat16_forward, _bfloat16_backward)(
+    return with_custom_gradient(_matmul_forward, _matmul_backward)(
         inputs, kernel)[0]
 
 
@@ -47,10 +50,10 @@ def float32_matmul(left, right, transpose_right=False):
     float32 result.
 
     Not differentiable on its own: for custom gradients that spell out
-    their products (`chunked_attention`). With bfloat16 operands inside a
-    TensorFlow function compiled by XLA, the product accumulates in float32
-    on the CPU's bfloat16 kernels; otherwise it is an einsum (whose result
-    is cast to float32).
+    their products (`chunked_attention`). With bfloat16 operands under XLA
+    (see `matmul`), the product accumulates in float32 on the CPU's
+    bfloat16 kernels; otherwise it is an einsum whose result is cast to
+    float32.
 
     Args:
         left: tensor `(..., i, j)`.
@@ -66,17 +69,28 @@ def float32_matmul(left, right, transpose_right=False):
     ...                transpose_right=True).shape
     (3, 2, 5)
     """
-    if _bfloat16_kernels_apply(left, right):
-        return _product(left, right, transpose_right)
     equation = "...ij,...kj->...ik" if transpose_right else (
         "...ij,...jk->...ik")
-    return ops.cast(ops.einsum(equation, left, right), "float32")
+    if not _bfloat16_kernels_apply(left, right):
+        return ops.cast(ops.einsum(equation, left, right), "float32")
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.einsum(equation, left, right,
+                          preferred_element_type="float32")
+    import tensorflow as tf
+
+    return tf.raw_ops.BatchMatMulV3(x=left, y=right, Tout=tf.float32,
+                                    adj_y=transpose_right)
 
 
-def _bfloat16_kernels_apply(inputs, kernel):
-    if keras.backend.backend() != "tensorflow" or not (
-            keras.backend.standardize_dtype(inputs.dtype)
-            == keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"):
+def _bfloat16_kernels_apply(left, right):
+    if not (keras.backend.standardize_dtype(left.dtype)
+            == keras.backend.standardize_dtype(right.dtype) == "bfloat16"):
+        return False
+    if keras.backend.backend() == "jax":
+        return True
+    if keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
     from tensorflow.python.ops import control_flow_util
@@ -88,44 +102,50 @@ def _bfloat16_kernels_apply(inputs, kernel):
             tf.compat.v1.get_default_graph()))
 
 
-def _product(left, right, transpose_right=False):
-    """`left @ right` (`right` transposed if asked) of bfloat16 matrices,
-    accumulated in and returned as float32."""
-    import tensorflow as tf
+def _batched_product(left, right):
+    """`left @ right` of bfloat16 `(1, i, j)` and `(1, j, k)` tensors,
+    accumulated in and returned as float32 `(i, k)`."""
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
 
-    return tf.raw_ops.BatchMatMulV3(x=left, y=right, Tout=tf.float32,
-                                    adj_y=transpose_right)
+        product = jnp.matmul(left, right, preferred_element_type="float32")
+    else:
+        import tensorflow as tf
+
+        product = tf.raw_ops.BatchMatMulV3(x=left, y=right, Tout=tf.float32)
+    return product[0]
 
 
-def _weight_gradient(rows, grads):
-    """`rows^T @ grads` in float32, from a transposed copy of `rows` that
-    XLA may not fold back into the product. The copy and product carry a
-    batch axis of one: XLA:CPU takes a two-dimensional product of such a
-    copy back to float32's speed."""
-    import tensorflow as tf
+def _transposed_copy(matrix):
+    """`matrix^T` with a batch axis of one, laid out anew: an optimization
+    barrier keeps XLA from folding the transpose into the product."""
+    transposed = ops.transpose(matrix)[None]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.lax.optimization_barrier(transposed)
     from tensorflow.compiler.tf2xla.python import xla
 
-    (transposed,) = xla.optimization_barrier(tf.transpose(rows)[None])
-    return _product(transposed, grads[None])[0]
+    (copy,) = xla.optimization_barrier(transposed)
+    return copy
 
 
-def _bfloat16_forward(inputs, kernel):
-    import tensorflow as tf
+def _matmul_forward(inputs, kernel):
+    shape = ops.shape(inputs)
+    rows = ops.reshape(inputs, (-1, shape[-1]))
+    outputs = ops.cast(_batched_product(rows[None], kernel[None]),
+                       inputs.dtype)
+    outputs = ops.reshape(outputs, tuple(shape[:-1]) + (kernel.shape[-1],))
+    return (outputs,), (rows, kernel)
 
-    rows = tf.reshape(inputs, (-1, tf.shape(inputs)[-1]))
-    outputs = _product(rows, kernel)
-    outputs = tf.reshape(tf.cast(outputs, inputs.dtype), tf.concat(
-        [tf.shape(inputs)[:-1], tf.shape(kernel)[-1:]], 0))
-    return (outputs,), (rows, kernel, tf.shape(inputs))
 
-
-def _bfloat16_backward(residuals, output_grads):
-    import tensorflow as tf
-
-    rows, kernel, shape = residuals
-    grads = tf.reshape(tf.cast(output_grads[0], rows.dtype),
-                       (-1, tf.shape(kernel)[-1]))
-    inputs_grad = tf.reshape(tf.cast(_product(
-        grads, kernel, transpose_right=True), rows.dtype), shape)
-    kernel_grad = tf.cast(_weight_gradient(rows, grads), kernel.dtype)
+def _matmul_backward(residuals, output_grads):
+    rows, kernel = residuals
+    shape = tuple(ops.shape(output_grads[0])[:-1]) + (kernel.shape[0],)
+    grads = ops.reshape(ops.cast(output_grads[0], rows.dtype),
+                        (-1, kernel.shape[-1]))
+    inputs_grad = ops.reshape(ops.cast(_batched_product(
+        grads[None], _transposed_copy(kernel)), rows.dtype), shape)
+    kernel_grad = ops.cast(_batched_product(
+        _transposed_copy(rows), grads[None]), kernel.dtype)
     return inputs_grad, kernel_grad
