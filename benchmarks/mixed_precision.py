@@ -118,6 +118,20 @@ PRODUCT_VARIANTS = {
 }
 
 
+def interleaved_medians(calls, repeats):
+    """The median wall seconds of each of `calls` (a dict of functions),
+    called `repeats` times in turn, so that a shared machine's load weighs
+    on every call alike."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(seconds)) for name, seconds in
+            times.items()}
+
+
 def product_function(framework, jit_compile, result_dtype, transpose_a,
                      transpose_b):
     """`op(a) @ op(b)` with `result_dtype` results (float32 results of
@@ -173,15 +187,9 @@ def product_table(framework, repeats=5):
                 row[column] = "error: " + str(error).splitlines()[0][:80]
                 continue
             calls[column] = functools.partial(product, a, b)
-        times = {column: [] for column in calls}
-        for _ in range(repeats):
-            for column, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[column].append(time.perf_counter() - start)
-        for column, seconds in times.items():
-            row[column] = round(
-                2 * ROWS * INPUTS * OUTPUTS / np.median(seconds) / 1e9, 1)
+        for column, seconds in interleaved_medians(calls, repeats).items():
+            row[column] = round(2 * ROWS * INPUTS * OUTPUTS / seconds / 1e9,
+                                1)
         table[name] = {column: row[column] for column, *_ in
                        PRODUCT_VARIANTS[framework]}
     return table
@@ -227,15 +235,9 @@ def dense_step_table(repeats=7):
             lambda c, t: [v.numpy() for v in c(*t)], compiled, tensors)
         call()  # compiles
         calls[f"{dtype} {name}"] = call
-    times = {column: [] for column in calls}
-    for _ in range(repeats):
-        for column, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[column].append(time.perf_counter() - start)
-    return {column: round(3 * 2 * ROWS * INPUTS * OUTPUTS
-                          / np.median(seconds) / 1e9, 1)
-            for column, seconds in times.items()}
+    return {column: round(3 * 2 * ROWS * INPUTS * OUTPUTS / seconds / 1e9, 1)
+            for column, seconds in interleaved_medians(
+                calls, repeats).items()}
 
 
 def main():
