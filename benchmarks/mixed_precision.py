@@ -282,6 +282,10 @@ def main():
     variants = args.variants or ",".join(
         variant for variant, (_, jit_compile) in VARIANTS.items()
         if jit_compile or args.backend == "tensorflow")
+    unknown = sorted(set(variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from "
+                     + ", ".join(VARIANTS))
     if args.backend == "jax" and "graph" in variants:
         parser.error("--variants: JAX compiles with XLA only (the *_xla "
                      f"variants), not {variants!r}")

@@ -151,6 +151,8 @@ def _attention_backward(residuals, output_grads):
     queries, keys, values, kept, factors, weights, outputs = residuals
     output_grad, logsumexp_grad = output_grads
     dropped = weights if factors is None else weights * factors
+    # The value and key gradients read their left operand transposed, which
+    # the CPU's bfloat16 kernels do not take (see `products`): einsums.
     value_grad = ops.einsum("...qk,...qd->...kd",
                             ops.cast(dropped, values.dtype), output_grad)
     weight_grad = float32_matmul(output_grad, values, transpose_right=True)

@@ -5,12 +5,12 @@ Under `mixed_bfloat16` a layer's product has bfloat16 operands and, from
 product as a float32 product with conversions around it, never faster than
 float32. A product of bfloat16 operands with a float32 result runs on the
 CPU's AVX512_BF16 kernels instead (`benchmarks/mixed_precision.py`), when
-both operands lie in the product's own order and carry a batch axis (of
-one, for a plain matrix product): XLA:CPU takes a two-dimensional product,
-or one whose operand it reads transposed, back to float32's speed. So the
-gradients, which contract transposed operands (`grads @ kernel^T`,
-`inputs^T @ grads`), are computed from transposed copies that XLA may not
-fold back into the product (an optimization barrier).
+both operands lie in the product's own order. Measured: a product that
+reads an operand transposed runs at float32's speed, and so does one of a
+two-dimensional transposed copy; a copy with a batch axis of one, kept from
+being folded back into the product by an optimization barrier, runs on the
+bfloat16 kernels. So the gradients, which contract transposed operands
+(`grads @ kernel^T`, `inputs^T @ grads`), are computed from such copies.
 """
 
 import keras
