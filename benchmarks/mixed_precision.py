@@ -68,15 +68,16 @@ def train(variants, args):
              "--sequence-length", str(args.sequence_length),
              "--hidden-dim", str(args.hidden_dim),
              "--num-heads", str(args.num_heads),
-             "--batch-size", str(args.batch_size), "--seed", "0",
+             "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+             "--learning-rate", str(args.learning_rate),
              "--sample-length", "1",
              "--jit-compile" if jit_compile else "--no-jit-compile"])
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(args.seed)
         model = train_lm.build_model(example_args)
         keras.config.set_dtype_policy("float32")
         batches = iter(text_data.language_model_dataset(
             train_data, args.sequence_length, args.batch_size, shuffle=True,
-            seed=0, repeat=True))
+            seed=args.seed, repeat=True))
         runs[variant] = (model, batches, [], [])
     for _ in range(args.steps):
         for model, batches, times, cpu_times in runs.values():
@@ -248,6 +249,10 @@ def main():
     parser.add_argument("--num-heads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--learning-rate", type=float, default=3e-3,
+                        help="the example's peak learning rate")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the initial weights' and data order's seed")
     parser.add_argument("--variants", default=None,
                         help="comma-separated, of " + ", ".join(VARIANTS)
                         + " (default: all; on JAX the XLA ones)")
@@ -258,11 +263,23 @@ def main():
                         default=True, help="measure the matrix products")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, EXAMPLES)
+    import flag_checks
+
+    flag_checks.check_positive_flags(
+        parser, args, ("sequence_length", "hidden_dim", "num_heads",
+                       "batch_size", "eval_batches"))
+    # The median step leaves out the first, compiling one.
+    flag_checks.check_flag_range(parser, args, "steps", 2)
+    flag_checks.check_positive_number_flags(parser, args, ("learning_rate",))
+    flag_checks.check_flag_range(parser, args, "seed", 0,
+                                 flag_checks.MAX_SEED)
     flags = ["--steps", args.steps, "--sequence-length",
              args.sequence_length, "--hidden-dim", args.hidden_dim,
              "--num-heads", args.num_heads,
              "--batch-size", args.batch_size, "--eval-batches",
-             args.eval_batches]
+             args.eval_batches, "--learning-rate", args.learning_rate,
+             "--seed", args.seed]
     if args.single in ("products_tensorflow", "products_jax"):
         framework = args.single.split("_")[1]
         table = product_table(framework)
@@ -300,6 +317,8 @@ def main():
                           "xla": VARIANTS[variant][1],
                           "hidden_dim": args.hidden_dim,
                           "num_heads": args.num_heads,
+                          "learning_rate": args.learning_rate,
+                          "seed": args.seed,
                           "steps": args.steps, **{
                               key: round(value, 4)
                               for key, value in result.items()}}),
