@@ -4,16 +4,6 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The tests' programs are small and most compile for longer than they run:
-# LLVM's cheapest optimization level takes about 30% off the JAX rerun and
-# 9% off the whole suite (measured side by side on 2 cores), though the
-# longer training tests run slower. Subprocesses inherit the flags.
-FAST_COMPILE_FLAGS = ["--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true"]
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", "")] + [
-        flag for flag in FAST_COMPILE_FLAGS
-        if flag not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 
 import keras  # noqa: E402

@@ -102,7 +102,10 @@ def runs(tmp_path_factory):
         os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
         JAX_COMPILATION_CACHE_DIR=str(directory / "compilation_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        # Compiling costs more than these runs' few steps.
+        XLA_FLAGS="--xla_backend_optimization_level=0 "
+                  "--xla_llvm_disable_expensive_passes=true")
 
     def command(process, runs):
         return ([sys.executable, "-c", SCRIPT,
