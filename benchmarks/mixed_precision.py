@@ -54,7 +54,6 @@ def train(variants, args):
     """
     import keras
 
-    sys.path.insert(0, EXAMPLES)
     import train_lm
     from keras_reformer import text_data
 

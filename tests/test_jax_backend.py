@@ -13,6 +13,8 @@ import sys
 import keras
 import pytest
 
+from tests.processes import fast_compile_xla_flags
+
 BACKEND_AGNOSTIC_TESTS = [
     "tests/test_lsh_self_attention.py",
     "tests/test_chunked_attention.py",
@@ -91,13 +93,8 @@ DESELECTED_ON_JAX = [
                     reason="this test starts the JAX run itself")
 def test_layer_tests_pass_on_jax_backend():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # These small tests compile for longer than they run: LLVM's cheapest
-    # optimization level takes about a third off this run.
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join([
-                   os.environ.get("XLA_FLAGS", ""),
-                   "--xla_backend_optimization_level=0",
-                   "--xla_llvm_disable_expensive_passes=true"]).strip())
+               XLA_FLAGS=fast_compile_xla_flags())
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          *BACKEND_AGNOSTIC_TESTS,

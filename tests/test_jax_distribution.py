@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from tests.processes import ROOT
+from tests.processes import fast_compile_xla_flags
 from tests.processes import free_ports
 from tests.processes import run_workers
 from tests.processes import tensorboard_scalars
@@ -104,8 +105,7 @@ def runs(tmp_path_factory):
         JAX_COMPILATION_CACHE_DIR=str(directory / "compilation_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         # Compiling costs more than these runs' few steps.
-        XLA_FLAGS="--xla_backend_optimization_level=0 "
-                  "--xla_llvm_disable_expensive_passes=true")
+        XLA_FLAGS=fast_compile_xla_flags())
 
     def command(process, runs):
         return ([sys.executable, "-c", SCRIPT,
