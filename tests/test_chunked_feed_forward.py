@@ -39,8 +39,10 @@ def test_equals_unchunked_feed_forward(length):
     assert_close(layer(x), expected, atol=1e-5)
 
 
-def test_gradients_equal_unchunked_autodiff():
-    layer, x = layer_and_inputs()
+@pytest.mark.parametrize("length", [45, 3])
+def test_gradients_equal_unchunked_autodiff(length):
+    # 3 positions fit in one chunk: computed without the loop.
+    layer, x = layer_and_inputs(length)
     weights = np.random.RandomState(1).randn(*x.shape).astype("float32")
     variables = layer.trainable_variables
     actual = value_and_grads(
@@ -82,6 +84,15 @@ def test_dropout_is_repeatable_per_seed_and_recomputed_in_backward():
         numeric.append((up - down) / (2 * epsilon))
     bias.assign(base)
     assert_close(grads[0][:2], np.array(numeric), atol=2e-2, rtol=1e-3)
+
+
+def test_one_chunk_drops_out_as_the_loops_first_chunk():
+    layer, x = layer_and_inputs(length=16, dropout=0.3)
+    seed = seed_tensor(4)
+    looped = to_numpy(layer(x, training=True, seed=seed))
+    direct = to_numpy(layer(x[:, :8], training=True, seed=seed))
+    assert np.abs(direct - to_numpy(layer(x[:, :8]))).max() > 1e-3
+    assert_close(direct, looped[:, :8], atol=1e-6)
 
 
 def test_config_round_trip():
