@@ -137,13 +137,9 @@ class ChunkedFeedForward(keras.layers.Layer):
         """Generation's interface (see `SelfAttentionBase.call_with_cache`).
 
         Position-wise, so nothing is cached: returns `(outputs, cache)`,
-        `{}` for the cache of a prefill. A single new position skips the
-        chunking (which would pad it to a whole chunk).
+        `{}` for the cache of a prefill.
         """
-        if cache is None:
-            return self(inputs), {}
-        return self.feed_forward(inputs, self.weight_values(inputs.dtype)), (
-            cache)
+        return self(inputs), {} if cache is None else cache
 
     def compute_output_shape(self, input_shape):
         return input_shape
