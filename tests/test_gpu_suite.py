@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from tests.processes import fast_compile_xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,7 +16,8 @@ def test_smoke_run_measures_every_part_and_ours_equals_exact_attention():
     environment = dict(
         os.environ, PYTHON=sys.executable,
         PYTHONPATH=os.pathsep.join([
-            os.path.join(ROOT, "tests", "without_tensorflow"), ROOT]))
+            os.path.join(ROOT, "tests", "without_tensorflow"), ROOT]),
+        XLA_FLAGS=fast_compile_xla_flags())
     run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--smoke"],
                          cwd=ROOT, env=environment, capture_output=True,
                          text=True, timeout=900)
