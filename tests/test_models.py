@@ -141,7 +141,7 @@ def test_lsh_one_head_at_a_time_trains_like_all_heads_under_xla():
     models = []
     for parallel_heads in (None, 1):
         lm = ReformerCausalLM(backbone(
-            attention_types=("lsh", "lsh"),
+            attention_types=("lsh",),
             attention_options={"lsh": {"parallel_heads": parallel_heads}}))
         lm.compile(optimizer=keras.optimizers.SGD(0.5),
                    loss=keras.losses.SparseCategoricalCrossentropy(
