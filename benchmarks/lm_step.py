@@ -16,7 +16,11 @@ implementations train the same architecture. Implementations:
 * `ours_jax`, `ours_tf`: `ReformerCausalLM.train_on_batch` under XLA on the
   JAX or TensorFlow backend;
 * `huggingface`: transformers' `ReformerModelWithLMHead` in training mode
-  (its reversible backward), `torch.optim.Adam`.
+  (its reversible backward), `torch.optim.Adam`;
+* `ours_jax_bf16`, `ours_tf_bf16`: ours under the `mixed_bfloat16` dtype
+  policy (float32 weights, bfloat16 products with float32 accumulation);
+* `huggingface_bf16`: Hugging Face's forward pass under
+  `torch.autocast("cpu", torch.bfloat16)` (float32 weights).
 
 Configurations:
 
@@ -89,8 +93,13 @@ CONFIGURATIONS = {
         vocab_size=320),
 }
 
-IMPLEMENTATIONS = ("ours_jax", "ours_tf", "huggingface")
+IMPLEMENTATIONS = ("ours_jax", "ours_tf", "huggingface", "ours_jax_bf16",
+                   "ours_tf_bf16", "huggingface_bf16")
+# The suffix of an implementation in mixed precision.
+BFLOAT16 = "_bf16"
 BACKENDS = {"ours_jax": "jax", "ours_tf": "tensorflow", "huggingface": "jax"}
+BACKENDS.update({name + BFLOAT16: backend
+                 for name, backend in list(BACKENDS.items())})
 # The model's nesting in the source operations XLA records, left out of
 # `--profile`'s groups of products.
 CONTAINERS = ("reformer_causal_lm", "reformer_backbone", "reversible_stack")
@@ -223,8 +232,11 @@ def gradient_step(config, length, memory_options):
     return step
 
 
-def huggingface_step(config, length):
-    """One Adam step of transformers' model in training mode."""
+def huggingface_step(config, length, bfloat16=False):
+    """One Adam step of transformers' model in training mode, its forward
+    pass under bfloat16 autocast if `bfloat16`."""
+    import contextlib
+
     import torch
     from transformers import ReformerModelWithLMHead
 
@@ -237,7 +249,9 @@ def huggingface_step(config, length):
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
     def step():
-        logits = model(input_ids=inputs).logits
+        with (torch.autocast(device, torch.bfloat16) if bfloat16
+              else contextlib.nullcontext()):
+            logits = model(input_ids=inputs).logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, config.vocab_size), labels.reshape(-1))
         loss.backward()
@@ -256,6 +270,10 @@ def measure(implementation, name, length, repeats, layers, memory_options,
     import keras_reformer.models  # noqa: F401
 
     config = reformer_config(name, length, layers)
+    bfloat16 = implementation.endswith(BFLOAT16)
+    implementation = implementation.removesuffix(BFLOAT16)
+    if bfloat16 and implementation != "huggingface":
+        keras.config.set_dtype_policy("mixed_bfloat16")
     if plan:
         lm = build_ours(config, memory_options)
         return {"planned_mib": planned_mib(lm, length),
@@ -269,7 +287,7 @@ def measure(implementation, name, length, repeats, layers, memory_options,
         import transformers.models.reformer.modeling_reformer  # noqa: F401
     memory = ResidentMemory()
     if implementation == "huggingface":
-        step, parameters = huggingface_step(config, length)
+        step, parameters = huggingface_step(config, length, bfloat16)
         backend = "torch"
     else:
         step, parameters = ours_step(config, length, memory_options)
@@ -359,7 +377,8 @@ def main():
     if args.profile and args.plan:
         parser.error("--profile runs the step and --plan does not: give one "
                      "of them")
-    if args.profile and "huggingface" in implementations:
+    if args.profile and any(name.startswith("huggingface")
+                            for name in implementations):
         parser.error("--profile profiles ours only; received "
                      f"--implementations {args.implementations}")
     flags = ["--repeats", args.repeats, "--layers", args.layers] + [
@@ -401,17 +420,21 @@ def main():
                             parameters=result["parameters"])
             lines.append(line)
             print(json.dumps(line), flush=True)
-        if "huggingface" in seconds and len(seconds) > 1:
-            hf_wall, hf_cpu = seconds.pop("huggingface")
+        ours = {k: v for k, v in seconds.items()
+                if not k.startswith("huggingface")}
+        for peer in ("huggingface", "huggingface_bf16"):
+            if peer not in seconds or not ours:
+                continue
+            peer_wall, peer_cpu = seconds[peer]
             print(json.dumps({
                 "benchmark": "lm_step", "configuration": name,
                 "length": int(length),
-                "huggingface_time_over": {
-                    implementation: round(hf_wall / wall, 2)
-                    for implementation, (wall, _) in seconds.items()},
-                "huggingface_cpu_time_over": {
-                    implementation: round(hf_cpu / cpu, 2)
-                    for implementation, (_, cpu) in seconds.items()}}),
+                f"{peer}_time_over": {
+                    implementation: round(peer_wall / wall, 2)
+                    for implementation, (wall, _) in ours.items()},
+                f"{peer}_cpu_time_over": {
+                    implementation: round(peer_cpu / cpu, 2)
+                    for implementation, (_, cpu) in ours.items()}}),
                 flush=True)
     if args.plot and not (args.plan or args.profile):
         write_plot(args.plot, lines, "length",

@@ -53,7 +53,11 @@ def float32_matmul(left, right, transpose_right=False):
     their products (`chunked_attention`). With bfloat16 operands under XLA
     (see `matmul`), the product accumulates in float32 on the CPU's
     bfloat16 kernels; otherwise it is an einsum whose result is cast to
-    float32.
+    float32. Under TensorFlow's XLA for the CPU, a reduction that reads
+    such a product directly (`ops.max(float32_matmul(q, k))`) aborts the
+    process: its YNNPACK emitter expects the result in the operands'
+    dtype. Callers transform the product first (`chunked_attention`
+    replaces masked scores before the softmax's maximum).
 
     Args:
         left: tensor `(..., i, j)`.
