@@ -100,11 +100,17 @@ BFLOAT16 = "_bf16"
 BACKENDS = {"ours_jax": "jax", "ours_tf": "tensorflow", "huggingface": "jax"}
 BACKENDS.update({name + BFLOAT16: backend
                  for name, backend in list(BACKENDS.items())})
+
 # The model's nesting in the source operations XLA records, left out of
 # `--profile`'s groups of products.
 CONTAINERS = ("reformer_causal_lm", "reformer_backbone", "reversible_stack")
 PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots",
                     "lm_step.png")
+
+
+def is_peer(implementation):
+    """Whether `implementation` is Hugging Face's model (either precision)."""
+    return implementation.startswith("huggingface")
 
 
 def axial_shape_for(length):
@@ -377,8 +383,7 @@ def main():
     if args.profile and args.plan:
         parser.error("--profile runs the step and --plan does not: give one "
                      "of them")
-    if args.profile and any(name.startswith("huggingface")
-                            for name in implementations):
+    if args.profile and any(map(is_peer, implementations)):
         parser.error("--profile profiles ours only; received "
                      f"--implementations {args.implementations}")
     flags = ["--repeats", args.repeats, "--layers", args.layers] + [
@@ -420,12 +425,9 @@ def main():
                             parameters=result["parameters"])
             lines.append(line)
             print(json.dumps(line), flush=True)
-        ours = {k: v for k, v in seconds.items()
-                if not k.startswith("huggingface")}
-        for peer in ("huggingface", "huggingface_bf16"):
-            if peer not in seconds or not ours:
-                continue
-            peer_wall, peer_cpu = seconds[peer]
+        peers = {k: v for k, v in seconds.items() if is_peer(k)}
+        ours = {k: v for k, v in seconds.items() if k not in peers}
+        for peer, (peer_wall, peer_cpu) in peers.items() if ours else ():
             print(json.dumps({
                 "benchmark": "lm_step", "configuration": name,
                 "length": int(length),
