@@ -278,7 +278,7 @@ def measure(implementation, name, length, repeats, layers, memory_options,
     config = reformer_config(name, length, layers)
     bfloat16 = implementation.endswith(BFLOAT16)
     implementation = implementation.removesuffix(BFLOAT16)
-    if bfloat16 and implementation != "huggingface":
+    if bfloat16 and not is_peer(implementation):
         keras.config.set_dtype_policy("mixed_bfloat16")
     if plan:
         lm = build_ours(config, memory_options)
